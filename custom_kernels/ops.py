@@ -1,0 +1,121 @@
+"""The one Python face of every op.
+
+CPU tensors go to the pure-torch reference (custom_kernels/reference.py); CUDA tensors go to the
+compiled kernels in custom_kernels._C, registered under torch.ops.custom_kernels. Signatures and
+semantics are documented once, in reference.py; the kernels match them.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import reference
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_error() -> str | None:
+    """None when custom_kernels._C imports, else why it does not (cached: import once)."""
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.custom_kernels.*)
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def cuda_kernels_available() -> bool:
+    """True when the compiled extension is importable (a CUDA build of torch and nvcc at install)."""
+    return _extension_error() is None
+
+
+def _kernels():
+    err = _extension_error()
+    if err is not None:
+        raise RuntimeError(
+            "CUDA tensors need the compiled kernels (custom_kernels._C), which did not import: "
+            f"{err}. Build them with `python setup.py build_ext --inplace` on a machine with nvcc "
+            "and a CUDA build of torch.")
+    return torch.ops.custom_kernels
+
+
+def embedding(ids, table, out):
+    if out.is_cuda:
+        return _kernels().embedding(ids, table, out)
+    return reference.embedding(ids, table, out)
+
+
+def rmsnorm(x, weight, eps: float, out):
+    if out.is_cuda:
+        return _kernels().rmsnorm(x, weight, float(eps), out)
+    return reference.rmsnorm(x, weight, eps, out)
+
+
+def add_rmsnorm(x, residual, weight, eps: float, out):
+    if out.is_cuda:
+        return _kernels().add_rmsnorm(x, residual, weight, float(eps), out)
+    return reference.add_rmsnorm(x, residual, weight, eps, out)
+
+
+def linear(x, weight, out):
+    if out.is_cuda:
+        return _kernels().linear(x, weight, out)
+    return reference.linear(x, weight, out)
+
+
+def swiglu(gate_up, out):
+    if out.is_cuda:
+        return _kernels().swiglu(gate_up, out)
+    return reference.swiglu(gate_up, out)
+
+
+def rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, block_table, q_out):
+    if q_out.is_cuda:
+        return _kernels().rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, block_table,
+                                        q_out)
+    return reference.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, block_table, q_out)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, positions, scale: float, out,
+                     workspace=None, max_len: int = 0):
+    """See reference.decode_attention.
+
+    CUDA only: `workspace` is the preallocated split-K scratch (see attention_workspace_numel) and
+    `max_len` the longest length this launch must serve; it sizes the split count, so a graph
+    captured for a length bucket stays valid for every length up to max_len.
+    """
+    if out.is_cuda:
+        return _kernels().decode_attention(q, k_cache, v_cache, block_tables, positions,
+                                           float(scale), out, workspace, int(max_len))
+    return reference.decode_attention(q, k_cache, v_cache, block_tables, positions, scale, out)
+
+
+def attention_workspace_numel(batch: int, num_q_heads: int, head_dim: int, max_len: int) -> int:
+    """fp32 elements of split-K scratch the decode attention kernel needs for these sizes."""
+    if not cuda_kernels_available():
+        return 0
+    return int(_kernels().attention_workspace_numel(batch, num_q_heads, head_dim, max_len))
+
+
+def prefill_attention(q, k_cache, v_cache, block_table, start_pos: int, scale: float, out):
+    if out.is_cuda:
+        return _kernels().prefill_attention(q, k_cache, v_cache, block_table, int(start_pos),
+                                            float(scale), out)
+    return reference.prefill_attention(q, k_cache, v_cache, block_table, start_pos, scale, out)
+
+
+def sample(logits, temperature, top_k, top_p, seed, positions, token_in, token_hist):
+    if logits.is_cuda:
+        return _kernels().sample(logits, temperature, top_k, top_p, seed, positions, token_in,
+                                 token_hist)
+    return reference.sample(logits, temperature, top_k, top_p, seed, positions, token_in,
+                            token_hist)
+
+
+def bind_gemm_stream(workspace: torch.Tensor) -> None:
+    """Create (once) the cuBLAS handle of the current CUDA stream and give it `workspace`.
+
+    Call this on every stream that will run or capture `linear`, before any capture: creating a
+    handle allocates, which is illegal inside stream capture. No-op for CPU tensors.
+    """
+    if workspace.is_cuda:
+        _kernels().bind_gemm_stream(workspace)

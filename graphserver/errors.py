@@ -1,0 +1,22 @@
+"""Errors the engine raises for bad requests. The server turns each into an error reply whose
+`type` is the class name, and keeps serving."""
+
+
+class EngineError(Exception):
+    """Base: a request the engine refuses. The message says what was wrong."""
+
+
+class BadRequest(EngineError):
+    """Malformed or out-of-range parameters (types, token ids, step counts, empty prompts)."""
+
+
+class UnknownSession(EngineError):
+    """The session id names no live session."""
+
+
+class KVExhausted(EngineError):
+    """The paged KV arena has no free blocks left for this request (nothing was changed)."""
+
+
+class Unavailable(EngineError):
+    """The feature does not exist on this backend (e.g. CUDA graphs on the CPU)."""

@@ -1,0 +1,305 @@
+"""Exact-length CUDA graphs of the decode step: a background thread captures them on a capture
+stream while the request thread replays them on a replay stream.
+
+The manager is generic over a *capturer* (anything with capture(key) -> handle and
+release(handle)), so its window and eviction logic is tested on the CPU with a stand-in, and the
+CUDA capturer below is the only part that needs a GPU.
+
+Graph key: the sequence length T a step runs at (position + 1), rounded up to a multiple of
+`bucket` (bucket 1 = exact-seq mode, the default). The kernels read the exact length from device
+memory, so a graph for key K serves every T in (K - bucket, K].
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+@dataclass
+class GraphStats:
+    captured: int = 0
+    evicted: int = 0
+    replays: int = 0
+    stalls: int = 0
+    stall_ms: float = 0.0
+    fallbacks: int = 0
+    capture_ms: list = field(default_factory=list)   # the most recent capture times
+    first_capture_t: float = 0.0
+    last_capture_t: float = 0.0
+
+    def record_capture(self, ms: float, keep: int = 2048) -> None:
+        now = time.perf_counter()
+        if not self.captured:
+            self.first_capture_t = now
+        self.last_capture_t = now
+        self.captured += 1
+        self.capture_ms.append(ms)
+        del self.capture_ms[:-keep]
+
+
+class GraphManager:
+    """Keeps graphs for keys in a window [T - behind, T + ahead] around every live length."""
+
+    def __init__(self, capturer, max_len: int, bucket: int = 1, ahead: int = 8, behind: int = 2,
+                 log: Callable[[str], None] = lambda msg: None):
+        if bucket < 1:
+            raise ValueError("bucket must be >= 1")
+        self.capturer = capturer
+        self.max_len = max_len
+        self.bucket = bucket
+        self.ahead, self.behind = ahead, behind
+        self.log = log
+        self.stats = GraphStats()
+        self._graphs: dict[int, Any] = {}
+        self._live: dict[str, int] = {}        # session -> its current length T
+        self._pinned: set[int] = set()
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._running = False
+        self._error: Optional[BaseException] = None
+
+    # ------------------------------------------------------------------ keys and windows
+
+    def key_for(self, length: int) -> int:
+        return min(self.max_len, -(-length // self.bucket) * self.bucket)
+
+    def window_keys(self, length: int) -> list[int]:
+        """Keys a session at this length will need, nearest first (the order captures go in)."""
+        keys: list[int] = []
+        for t in range(max(1, length - self.behind), min(self.max_len, length + self.ahead) + 1):
+            k = self.key_for(t)
+            if k not in keys:
+                keys.append(k)
+        current = self.key_for(length)
+        return sorted(keys, key=lambda k: (k < current, abs(k - current)))
+
+    def _wanted(self) -> list[int]:
+        wanted: list[int] = []
+        for length in sorted(self._live.values()):
+            for k in self.window_keys(length):
+                if k not in wanted:
+                    wanted.append(k)
+        return wanted
+
+    # ------------------------------------------------------------------ live lengths
+
+    def note_length(self, session: str, length: int) -> None:
+        """The engine reports where a session is; the capture thread reacts."""
+        with self._cond:
+            self._live[session] = length
+            self._cond.notify_all()
+
+    def forget(self, session: str) -> None:
+        with self._cond:
+            self._live.pop(session, None)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the capture thread
+
+    def start(self, ahead: Optional[int] = None, behind: Optional[int] = None) -> None:
+        with self._cond:
+            if ahead is not None:
+                self.ahead = ahead
+            if behind is not None:
+                self.behind = behind
+            self._error = None
+            self._cond.notify_all()
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._run, name="graph-capture", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def _next_job(self) -> Optional[int]:
+        """Under the lock: evict what left every window, return the next key to capture."""
+        wanted = self._wanted()
+        if self._live:
+            keep = set(wanted) | self._pinned
+            for k in [k for k in self._graphs if k not in keep]:
+                self.capturer.release(self._graphs.pop(k))
+                self.stats.evicted += 1
+        for k in wanted:
+            if k not in self._graphs:
+                return k
+        return None
+
+    def _run(self) -> None:
+        try:
+            self.capturer.on_thread_start()
+            while True:
+                with self._cond:
+                    if not self._running:
+                        return
+                    key = self._next_job()
+                    if key is None:
+                        self._cond.wait(timeout=0.1)
+                        continue
+                t0 = time.perf_counter()
+                handle = self.capturer.capture(key)
+                ms = (time.perf_counter() - t0) * 1e3
+                with self._cond:
+                    self._graphs[key] = handle
+                    self.stats.record_capture(ms)
+                    self._cond.notify_all()
+        except BaseException as exc:   # surfaced to the request thread, never lost
+            with self._cond:
+                self._error = exc
+                self._running = False
+                self._cond.notify_all()
+            self.log(f"graph capture thread failed: {exc!r}")
+
+    def capture_now(self, key: int) -> None:
+        """Capture one key synchronously on the calling thread (used before the thread runs)."""
+        with self._cond:
+            if key in self._graphs:
+                return
+        t0 = time.perf_counter()
+        handle = self.capturer.capture(key)
+        with self._cond:
+            self._graphs[key] = handle
+            self.stats.record_capture((time.perf_counter() - t0) * 1e3)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the request side
+
+    def has(self, key: int) -> bool:
+        with self._cond:
+            return key in self._graphs
+
+    def acquire(self, key: int, wait_s: float) -> Optional[Any]:
+        """The graph for key, waiting up to wait_s for the capture thread (a stall).
+
+        None means: run the step eagerly (the caller counts the fallback).
+        """
+        with self._cond:
+            handle = self._graphs.get(key)
+            if handle is None and self._running and wait_s > 0:
+                t0 = time.perf_counter()
+                self.stats.stalls += 1
+                deadline = t0 + wait_s
+                while key not in self._graphs and self._running:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(timeout=left)
+                self.stats.stall_ms += (time.perf_counter() - t0) * 1e3
+                handle = self._graphs.get(key)
+            if self._error is not None:
+                raise RuntimeError(f"the graph capture thread failed: {self._error!r}")
+            if handle is not None:
+                self.stats.replays += 1
+                self._pinned.add(key)
+            return handle
+
+    def unpin(self, key: int) -> None:
+        with self._cond:
+            self._pinned.discard(key)
+
+    def wait_ready(self, lengths: list[int], timeout_s: float) -> bool:
+        """Block until graphs for every key of these lengths exist (or the timeout passes)."""
+        keys = {self.key_for(t) for t in lengths if t <= self.max_len}
+        deadline = time.perf_counter() + timeout_s
+        with self._cond:
+            while not keys.issubset(self._graphs):
+                left = deadline - time.perf_counter()
+                if left <= 0 or not self._running or self._error is not None:
+                    break
+                self._cond.wait(timeout=left)
+            return keys.issubset(self._graphs)
+
+    def clear(self) -> None:
+        with self._cond:
+            for k in list(self._graphs):
+                self.capturer.release(self._graphs.pop(k))
+
+    def snapshot(self) -> dict:
+        with self._cond:
+            st = self.stats
+            span = st.last_capture_t - st.first_capture_t
+            return {
+                "mode": "exact" if self.bucket == 1 else f"bucket{self.bucket}",
+                "bucket": self.bucket, "running": self._running,
+                "window": {"ahead": self.ahead, "behind": self.behind},
+                "resident": len(self._graphs), "captured": st.captured, "evicted": st.evicted,
+                "replays": st.replays, "stalls": st.stalls, "stall_ms": round(st.stall_ms, 3),
+                "fallbacks": st.fallbacks,
+                "capture_ms_p50": round(percentile(st.capture_ms, 50), 3),
+                "capture_ms_p99": round(percentile(st.capture_ms, 99), 3),
+                "capture_rate_per_s": round((st.captured - 1) / span, 1) if span > 0 else 0.0,
+                "graph_memory_bytes": self.capturer.memory_bytes(),
+                "error": repr(self._error) if self._error else None,
+            }
+
+
+class CudaGraphCapturer:
+    """Captures runner.decode_step(attn_max_len=key) into a torch.cuda.CUDAGraph on its own stream.
+
+    Capture uses thread-local capture mode (the request thread keeps launching work meanwhile) and
+    one memory pool shared by all graphs. torch.cuda.graph() is avoided on purpose: its __enter__
+    synchronizes the whole device, which would stall the concurrent replays.
+    """
+
+    def __init__(self, runner, device: torch.device, tracer=None):
+        self.runner = runner
+        self.tracer = tracer
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self._mem_before = torch.cuda.memory_reserved(device)
+        self._bound = False
+
+    def on_thread_start(self) -> None:
+        torch.cuda.set_device(self.device)
+
+    def capture(self, key: int):
+        graph = torch.cuda.CUDAGraph()
+        rng = self.tracer.range(f"capture T={key}", "capture") if self.tracer else nullcontext()
+        with rng, torch.cuda.stream(self.stream):
+            if not self._bound:       # the cuBLAS handle must exist before any capture begins
+                self.runner.bind_stream()
+                self._bound = True
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                self.runner.decode_step(attn_max_len=key)
+            finally:
+                graph.capture_end()
+        return graph
+
+    @staticmethod
+    def replay(graph) -> None:
+        graph.replay()     # on the caller's current stream
+
+    @staticmethod
+    def release(graph) -> None:
+        # cudaGraphExecDestroy on an in-flight graph frees it once it completes (CUDA docs),
+        # so eviction never has to wait for the replay stream.
+        graph.reset()
+
+    def memory_bytes(self) -> int:
+        return max(0, torch.cuda.memory_reserved(self.device) - self._mem_before)

@@ -1,0 +1,242 @@
+"""The model runner: the decode step and prefill, written once against custom_kernels.ops and
+preallocated buffers.
+
+Every tensor the decode step touches is allocated here, up front: the weights (one arena), the KV
+arena, the static I/O buffers a replayed graph reads and writes, and the scratch activations. The
+step itself allocates nothing and never reads device memory on the host, so it can be captured into
+a CUDA graph; on the CPU the same code runs on the reference ops.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from custom_kernels import ops
+from custom_kernels.reference import rope_tables
+
+from .config import ModelConfig, inv_freq
+from .kv import KVArena, blocks_for
+
+# A probe sees intermediates of an eager step (parity scripts): probe(name, layer, tensor).
+Probe = Optional[Callable[[str, int, torch.Tensor], None]]
+
+GEMM_WORKSPACE_BYTES = 32 << 20
+
+
+@dataclass
+class StaticIO:
+    """The buffers a captured graph is bound to. Replay copies a session's state in, not pointers."""
+    token_in: torch.Tensor      # [1] int32: the token the next step consumes
+    position: torch.Tensor      # [1] int32: position of token_in; the sampler increments it
+    block_table: torch.Tensor   # [1, MB] int32: the replayed session's block table
+    temperature: torch.Tensor   # [1] fp32 (<= 0: greedy)
+    top_k: torch.Tensor         # [1] int32 (0: off)
+    top_p: torch.Tensor         # [1] fp32 (1: off)
+    seed: torch.Tensor          # [1] int64
+    token_hist: torch.Tensor    # [1, max_len + 1] int32: sampled token lands at its position
+    logits: torch.Tensor        # [1, V] model dtype
+
+
+@dataclass
+class Scratch:
+    """Activations for up to C tokens (the prefill chunk); decode uses the first row."""
+    ids: torch.Tensor           # [C] int32
+    positions: torch.Tensor     # [C] int32
+    residual: torch.Tensor      # [C, H]
+    normed: torch.Tensor        # [C, H]
+    qkv: torch.Tensor           # [C, (nq + 2 nkv) D]
+    q: torch.Tensor             # [C, nq, D]
+    attn: torch.Tensor          # [C, nq, D]
+    proj: torch.Tensor          # [C, H]: o-proj and down-proj outputs
+    gate_up: torch.Tensor       # [C, 2I]
+    act: torch.Tensor           # [C, I]
+    attn_workspace: torch.Tensor  # [n] fp32 split-K scratch of decode attention
+    gemm_workspace: torch.Tensor  # [bytes] uint8 cuBLAS workspace
+
+
+class ModelRunner:
+    """Owns the device state of one model and runs its steps on the current stream."""
+
+    def __init__(self, cfg: ModelConfig, weights, *, max_len: int, kv_blocks: int, block_size: int,
+                 prefill_chunk: int = 512):
+        self.cfg = cfg
+        self.w = weights
+        self.dtype = weights.embed.dtype
+        self.device = weights.embed.device
+        self.max_len = max_len
+        self.block_size = block_size
+        self.max_blocks_per_seq = blocks_for(max_len, block_size)
+        self.prefill_chunk = prefill_chunk
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        dev, dt = self.device, self.dtype
+
+        self.kv = KVArena.allocate(cfg.num_layers, kv_blocks, block_size, cfg.num_kv_heads,
+                                   cfg.head_dim, dt, dev)
+        cos, sin = rope_tables(inv_freq(cfg), max_len)
+        self.cos, self.sin = cos.to(dev), sin.to(dev)           # [max_len, D/2] fp32
+
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.io = StaticIO(
+            token_in=torch.zeros(1, **i32), position=torch.zeros(1, **i32),
+            block_table=torch.zeros(1, self.max_blocks_per_seq, **i32),
+            temperature=torch.zeros(1, dtype=torch.float32, device=dev),
+            top_k=torch.zeros(1, **i32), top_p=torch.ones(1, dtype=torch.float32, device=dev),
+            seed=torch.zeros(1, dtype=torch.int64, device=dev),
+            token_hist=torch.zeros(1, max_len + 1, **i32),
+            logits=torch.empty(1, cfg.vocab_size, dtype=dt, device=dev))
+        c, h = prefill_chunk, cfg.hidden_size
+        nq, d, inter = cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+        ws = ops.attention_workspace_numel(1, nq, d, max_len) if dev.type == "cuda" else 0
+        self.scratch = Scratch(
+            ids=torch.zeros(c, **i32), positions=torch.zeros(c, **i32),
+            residual=torch.empty(c, h, dtype=dt, device=dev),
+            normed=torch.empty(c, h, dtype=dt, device=dev),
+            qkv=torch.empty(c, cfg.qkv_size, dtype=dt, device=dev),
+            q=torch.empty(c, nq, d, dtype=dt, device=dev),
+            attn=torch.empty(c, nq, d, dtype=dt, device=dev),
+            proj=torch.empty(c, h, dtype=dt, device=dev),
+            gate_up=torch.empty(c, 2 * inter, dtype=dt, device=dev),
+            act=torch.empty(c, inter, dtype=dt, device=dev),
+            attn_workspace=torch.empty(max(ws, 1), dtype=torch.float32, device=dev),
+            gemm_workspace=torch.empty(GEMM_WORKSPACE_BYTES if dev.type == "cuda" else 1,
+                                       dtype=torch.uint8, device=dev))
+
+    # ------------------------------------------------------------------ streams
+
+    def bind_stream(self) -> None:
+        """Prepare the current stream for GEMMs (call once per stream, outside any capture)."""
+        ops.bind_gemm_stream(self.scratch.gemm_workspace)
+
+    # ------------------------------------------------------------------ the layers
+
+    def _layers(self, n: int, attend: Callable[[int, torch.Tensor, torch.Tensor], None],
+                positions: torch.Tensor, block_table: torch.Tensor, probe: Probe) -> torch.Tensor:
+        """Run every layer over n tokens whose embeddings are in scratch.residual[:n].
+
+        attend(layer, q [n, nq, D], out [n, nq, D]) is the attention variant (decode or prefill).
+        Returns normed [n, H], the final-norm output.
+        """
+        cfg, s, eps = self.cfg, self.scratch, self.cfg.rms_norm_eps
+        residual, normed, proj = s.residual[:n], s.normed[:n], s.proj[:n]
+        qkv, q, attn = s.qkv[:n], s.q[:n], s.attn[:n]
+        gate_up, act = s.gate_up[:n], s.act[:n]
+        for i, lw in enumerate(self.w.layers):
+            if i == 0:
+                ops.rmsnorm(residual, lw.ln1, eps, normed)
+            else:
+                ops.add_rmsnorm(proj, residual, lw.ln1, eps, normed)
+                if probe:
+                    probe("layer_out", i - 1, residual)
+            ops.linear(normed, lw.wqkv, qkv)
+            if probe:
+                probe("qkv", i, qkv)
+            ops.rope_kv_write(qkv, positions, self.cos, self.sin, self.kv.k(i), self.kv.v(i),
+                              block_table, q)
+            if probe:
+                probe("q_rot", i, q)
+            attend(i, q, attn)
+            if probe:
+                probe("attn", i, attn)
+            ops.linear(attn.view(n, cfg.q_size), lw.wo, proj)
+            if probe:
+                probe("o_proj", i, proj)
+            ops.add_rmsnorm(proj, residual, lw.ln2, eps, normed)
+            if probe:
+                probe("resid_mid", i, residual)
+            ops.linear(normed, lw.w13, gate_up)
+            ops.swiglu(gate_up, act)
+            ops.linear(act, lw.w2, proj)
+            if probe:
+                probe("mlp", i, proj)
+        ops.add_rmsnorm(proj, residual, self.w.norm, eps, normed)
+        if probe:
+            probe("layer_out", cfg.num_layers - 1, residual)
+            probe("final_norm", -1, normed)
+        return normed
+
+    # ------------------------------------------------------------------ decode
+
+    def decode_step(self, attn_max_len: int, probe: Probe = None) -> None:
+        """One token: io.token_in at io.position -> io.logits -> sampled into io.token_in.
+
+        attn_max_len is the longest sequence length this step may see (the graph key); the
+        actual length is read from io.position on the device. Graph-capturable.
+        """
+        io, s = self.io, self.scratch
+        ops.embedding(io.token_in, self.w.embed, s.residual[:1])
+
+        def attend(layer, q, out):
+            ops.decode_attention(q, self.kv.k(layer), self.kv.v(layer), io.block_table,
+                                 io.position, self.scale, out, s.attn_workspace, attn_max_len)
+
+        normed = self._layers(1, attend, io.position, io.block_table[0], probe)
+        ops.linear(normed, self.w.lm_head, io.logits)
+        if probe:
+            probe("logits", -1, io.logits)
+        self.sample_pending()
+
+    def sample_pending(self) -> None:
+        """Sample from io.logits into io.token_in / token_hist and advance io.position."""
+        io = self.io
+        ops.sample(io.logits, io.temperature, io.top_k, io.top_p, io.seed, io.position,
+                   io.token_in, io.token_hist)
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill(self, input_ids: list[int], block_table: list[int], start_pos: int = 0,
+                probe: Probe = None) -> None:
+        """Write the KV of input_ids at start_pos.. into the cache; io.logits gets the last
+        token's logits, io.position its position and io.token_in the token itself.
+
+        Runs eagerly in chunks of prefill_chunk tokens. block_table must already cover
+        start_pos + len(input_ids) tokens.
+        """
+        s, io, dev = self.scratch, self.io, self.device
+        table = torch.tensor(block_table, dtype=torch.int32)
+        io.block_table.zero_()
+        io.block_table[0, : len(block_table)].copy_(table)
+        bt = io.block_table[0]
+        ids_all = torch.tensor(input_ids, dtype=torch.int32)
+        pos = start_pos
+        normed = None
+        for lo in range(0, len(input_ids), self.prefill_chunk):
+            chunk = ids_all[lo: lo + self.prefill_chunk]
+            n = chunk.numel()
+            s.ids[:n].copy_(chunk.to(dev, non_blocking=True))
+            s.positions[:n].copy_(torch.arange(pos, pos + n, dtype=torch.int32).to(dev))
+            ops.embedding(s.ids[:n], self.w.embed, s.residual[:n])
+            chunk_start = pos
+
+            def attend(layer, q, out, chunk_start=chunk_start):
+                ops.prefill_attention(q, self.kv.k(layer), self.kv.v(layer), bt, chunk_start,
+                                      self.scale, out)
+
+            normed = self._layers(n, attend, s.positions[:n], bt, probe)
+            pos += n
+        ops.linear(normed[-1:], self.w.lm_head, io.logits)
+        io.position.fill_(pos - 1)
+        io.token_in.fill_(int(input_ids[-1]))
+
+    # ------------------------------------------------------------------ state in and out
+
+    def load_session(self, block_table: list[int], position: int, token: int) -> None:
+        """Copy one session's state into the static buffers (before a replay)."""
+        io = self.io
+        io.block_table.zero_()
+        io.block_table[0, : len(block_table)].copy_(torch.tensor(block_table, dtype=torch.int32))
+        io.position.fill_(position)
+        io.token_in.fill_(token)
+
+    def set_sampling(self, temperature: float, top_k: int, top_p: float, seed: int) -> None:
+        io = self.io
+        io.temperature.fill_(temperature)
+        io.top_k.fill_(top_k)
+        io.top_p.fill_(top_p)
+        io.seed.fill_(seed)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.w.nbytes

@@ -1,0 +1,220 @@
+"""Parity harness against HF transformers: the same checkpoint loaded by both, compared per layer.
+
+Used by scripts/debug_parity_one_step.py (T=1), scripts/debug_parity_seq8.py (8 steps) and the
+tests. For `random:<shape>` models the HF model is built with random weights and saved to a temp
+directory, which our loader then reads: both sides see identical weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from custom_kernels.weights import load_weights
+
+from .config import RANDOM_SHAPES, ModelConfig
+from .kv import BlockAllocator
+from .model import ModelRunner
+from .prepare import resolve_model
+
+# Relative-error limits ||ours - hf|| / ||hf|| per dtype. bf16 is loose because HF rounds between
+# ops (cos/sin tables, attention scores) differently from our fp32-internal kernels.
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@dataclass
+class Pair:
+    hf: torch.nn.Module
+    runner: ModelRunner
+    alloc: BlockAllocator
+    cfg: ModelConfig
+    path: Path
+    tokenizer_path: Optional[Path]
+
+
+@contextlib.contextmanager
+def model_dir(spec: Optional[str], seed: int = 0, log=print):
+    """Yield (hf_dir, tokenizer_dir or None) for a model spec; random shapes go to a temp dir."""
+    if spec and spec.startswith("random:"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        shape = spec.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise ValueError(f"unknown random shape {shape!r}; known: {sorted(RANDOM_SHAPES)}")
+        torch.manual_seed(seed)
+        hf = LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES[shape]))
+        with torch.no_grad():      # HF's init leaves norms at exactly 1: make them non-trivial
+            for name, p in hf.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(0.1 * torch.randn_like(p))
+        with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+            hf.save_pretrained(tmp, safe_serialization=True)
+            yield Path(tmp), None
+        return
+    src = resolve_model(spec, log=log)
+    yield src.path, src.tokenizer_path
+
+
+def load_pair(path: Path, tokenizer_path, dtype: torch.dtype, device: torch.device,
+              max_len: int = 512, block_size: int = 16) -> Pair:
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager",
+                                              local_files_only=True).to(device).eval()
+    src = resolve_model(str(path))
+    cfg = src.config
+    weights = load_weights(src, cfg, device, dtype)
+    blocks = 2 * (max_len // block_size + 1)
+    runner = ModelRunner(cfg, weights, max_len=max_len, kv_blocks=blocks, block_size=block_size,
+                         prefill_chunk=max_len)
+    runner.bind_stream()
+    alloc = BlockAllocator(blocks, block_size, runner.max_blocks_per_seq)
+    return Pair(hf, runner, alloc, cfg, path, tokenizer_path)
+
+
+def prompt_ids(pair: Pair, n: int = 12, seed: int = 0) -> list[int]:
+    """A chat prompt for real models, seeded random ids for random ones."""
+    if pair.tokenizer_path is not None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(pair.tokenizer_path, local_files_only=True)
+        msgs = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
+        return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                            return_dict=False))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, pair.cfg.vocab_size, (n,), generator=g).tolist()
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, relative L2 error) in fp64."""
+    a, b = ours.detach().double().cpu().flatten(), ref.detach().double().cpu().flatten()
+    return float((a - b).abs().max()), float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def hf_last_token_intermediates(hf, ids: list[int], device) -> dict[str, torch.Tensor]:
+    """HF module outputs at the last position of a full forward over ids."""
+    got: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def keep(name, pre=False):
+        def fwd(mod, inp, out):
+            got[name] = _first(out)[0, -1].detach().clone()
+
+        def fwd_pre(mod, inp):
+            got[name] = _first(inp)[0, -1].detach().clone()
+        return fwd_pre if pre else fwd
+
+    for i, layer in enumerate(hf.model.layers):
+        at = layer.self_attn
+        hooks += [at.q_proj.register_forward_hook(keep(f"q.{i}")),
+                  at.k_proj.register_forward_hook(keep(f"k.{i}")),
+                  at.v_proj.register_forward_hook(keep(f"v.{i}")),
+                  at.o_proj.register_forward_pre_hook(keep(f"attn.{i}", pre=True)),
+                  at.o_proj.register_forward_hook(keep(f"o_proj.{i}")),
+                  layer.mlp.register_forward_hook(keep(f"mlp.{i}")),
+                  layer.register_forward_hook(keep(f"layer_out.{i}"))]
+    hooks.append(hf.model.norm.register_forward_hook(keep("final_norm")))
+    try:
+        with torch.no_grad():
+            out = hf(torch.tensor([ids], device=device), use_cache=False)
+        got["logits"] = out.logits[0, -1].detach().clone()
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def our_last_token_intermediates(pair: Pair, ids: list[int], session: str = "p1"):
+    """Prefill ids[:-1], then one probed decode step on ids[-1] (the T=1 path)."""
+    cfg, runner = pair.cfg, pair.runner
+    got: dict[str, torch.Tensor] = {}
+
+    def probe(name, layer, t):
+        key = name if layer < 0 else f"{name}.{layer}"
+        got[key] = t.detach().clone()
+
+    table = pair.alloc.ensure(session, len(ids))
+    with torch.no_grad():
+        if len(ids) > 1:
+            runner.prefill(ids[:-1], table)
+        runner.load_session(table, len(ids) - 1, ids[-1])
+        runner.set_sampling(0.0, 0, 1.0, 0)
+        runner.decode_step(attn_max_len=len(ids), probe=probe)
+    q, kv = cfg.q_size, cfg.kv_size
+    out: dict[str, torch.Tensor] = {}
+    for i in range(cfg.num_layers):
+        qkv = got[f"qkv.{i}"][0]
+        out[f"q.{i}"], out[f"k.{i}"], out[f"v.{i}"] = qkv[:q], qkv[q:q + kv], qkv[q + kv:]
+        out[f"attn.{i}"] = got[f"attn.{i}"].reshape(-1)
+        for name in ("o_proj", "mlp", "layer_out"):
+            out[f"{name}.{i}"] = got[f"{name}.{i}"][0]
+    out["final_norm"] = got["final_norm"][0]
+    out["logits"] = got["logits"][0]
+    pair.alloc.free(session)
+    return out
+
+
+def compare(ours: dict, ref: dict, dtype: torch.dtype, log=print) -> list[dict]:
+    """Rows of {name, max_abs, rel, ok}; prints one line per tensor."""
+    tol = TOLERANCE[dtype]
+    rows = []
+    for name in ref:
+        max_abs, rel = rel_err(ours[name], ref[name])
+        ok = rel <= tol and max_abs == max_abs            # NaN never passes
+        rows.append({"name": name, "max_abs": max_abs, "rel": rel, "ok": ok})
+        log(f"{'ok ' if ok else 'BAD'} {name:<16} max_abs {max_abs:10.3e}  rel {rel:10.3e}"
+            f"  (tol {tol:.0e})")
+    return rows
+
+
+def hf_cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) [S, nkv, D] of one layer of an HF cache, across transformers versions."""
+    if hasattr(cache, "layers"):
+        k, v = cache.layers[layer].keys, cache.layers[layer].values
+    else:
+        k, v = cache.key_cache[layer], cache.value_cache[layer]
+    return k[0].transpose(0, 1), v[0].transpose(0, 1)
+
+
+def seq_parity(pair: Pair, ids: list[int], steps: int, dtype, log=print) -> list[dict]:
+    """Prefill, then `steps` decode steps fed HF's greedy tokens on both sides; compares logits at
+    every step and, at the end, our paged K/V of every layer against HF's cache."""
+    from transformers import DynamicCache
+    runner, cfg, dev = pair.runner, pair.cfg, pair.runner.device
+    table = pair.alloc.ensure("seq", len(ids) + steps)
+    rows = []
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = pair.hf(torch.tensor([ids], device=dev), past_key_values=cache, use_cache=True)
+        runner.prefill(ids, table)
+        rows += compare({"logits.prefill": runner.io.logits[0]},
+                        {"logits.prefill": out.logits[0, -1]}, dtype, log)
+        token = int(out.logits[0, -1].argmax())
+        pos = len(ids)
+        for step in range(steps):
+            out = pair.hf(torch.tensor([[token]], device=dev), past_key_values=cache,
+                          use_cache=True)
+            runner.load_session(table, pos, token)
+            runner.set_sampling(0.0, 0, 1.0, 0)
+            runner.decode_step(attn_max_len=pos + 1)
+            name = f"logits.step{step}"
+            rows += compare({name: runner.io.logits[0]}, {name: out.logits[0, -1]}, dtype, log)
+            token = int(out.logits[0, -1].argmax())
+            pos += 1
+        length = pos
+        for i in range(cfg.num_layers):
+            hk, hv = hf_cache_kv(cache, i)
+            bs = runner.block_size
+            idx = torch.arange(length)
+            blocks = torch.tensor(table, dtype=torch.long)[idx // bs].to(dev)
+            slots = (idx % bs).to(dev)
+            ok_, ov_ = runner.kv.k(i)[blocks, slots], runner.kv.v(i)[blocks, slots]
+            rows += compare({f"K.{i}": ok_, f"V.{i}": ov_}, {f"K.{i}": hk, f"V.{i}": hv}, dtype,
+                            log)
+    pair.alloc.free("seq")
+    return rows

@@ -1,0 +1,80 @@
+"""Shared bits of the scripts: argument helpers and output paths. Scripts add the repo root to
+sys.path so they run from a checkout without installing."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
+    p.add_argument("--model", default=None,
+                   help="default: the embedded SmolLM2-135M-Instruct (prepared on first use); "
+                        "or an HF Llama-family directory; or random:<shape>")
+    p.add_argument("--device", default="auto", help="auto (cuda when usable), cuda or cpu")
+    p.add_argument("--dtype", default=dtype_default,
+                   help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32 (cpu only)")
+
+
+def output_dir() -> Path:
+    """output/ of the checkout, or $GRAPHSERVER_OUTPUT."""
+    out = Path(os.environ.get("GRAPHSERVER_OUTPUT", ROOT / "output"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def default_prompt() -> str:
+    return "Write a short story about a robot who learns to paint."
+
+
+def write_run_outputs(prefix: str, record: dict, log_lines: list[str]) -> Path:
+    """Write <prefix>.json, <prefix>_tokens.txt, <prefix>_text.txt and <prefix>.log under
+    output/; returns the JSON path."""
+    import json
+    out = output_dir()
+    (out / f"{prefix}_tokens.txt").write_text(" ".join(str(t) for t in record["tokens"]) + "\n")
+    (out / f"{prefix}_text.txt").write_text(record.get("text", "") + "\n")
+    (out / f"{prefix}.log").write_text("\n".join(log_lines) + "\n")
+    path = out / f"{prefix}.json"
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return path
+
+
+def hf_greedy(model_path, prompt_ids: list[int], new_tokens: int, dtype_name: str,
+              device: str) -> list[int]:
+    """HF transformers' greedy generate on the same checkpoint, for the equality check."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name, torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
+    hf = hf.to(device).eval()
+    ids = torch.tensor([prompt_ids], device=device)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, top_p=None, top_k=None,
+                          temperature=None)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def first_divergence(a: list[int], b: list[int]):
+    """Index of the first difference of two token lists (None when equal)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+class Logger:
+    """Prints and keeps lines for the .log file."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.lines.append(str(msg))

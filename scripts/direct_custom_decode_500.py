@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Standalone decode, no IPC: the engine in-process generates N tokens (500 by default) with
+background graph capture started right after kv_init, and reports stalls and fallbacks.
+
+Writes output/direct_custom_decode_500.{json,log} and _tokens.txt / _text.txt.
+"""
+import argparse
+import sys
+import time
+
+import _common
+from _common import Logger, add_model_args, default_prompt, write_run_outputs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompt", default=default_prompt(), help="user message (chat template)")
+    p.add_argument("--steps", type=int, default=500, help="tokens to generate (default 500)")
+    p.add_argument("--graph-bucket", type=int, default=1,
+                   help="1 = exact-length graphs (default); N rounds lengths up to multiples of N")
+    p.add_argument("--ahead", type=int, default=8, help="capture window ahead of the length")
+    p.add_argument("--behind", type=int, default=2, help="graphs kept behind the length")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at the model's EOS tokens")
+    p.add_argument("--torch-profile", default=None, help="write a torch-profiler Chrome trace here")
+    args = p.parse_args(argv)
+    log = Logger()
+    from graphserver.engine import Engine
+    eng = Engine(model=args.model, device=args.device, dtype=args.dtype,
+                 graph_bucket=args.graph_bucket, torch_profile=args.torch_profile, log=log)
+    try:
+        hello = eng.hello()
+        tok = None
+        if hello["tokenizer_path"]:
+            from client.tokenizer import encode_chat, load_tokenizer
+            tok = load_tokenizer(hello["tokenizer_path"])
+            ids = encode_chat(tok, args.prompt)
+        else:
+            ids = list(range(1, 17))          # random models have no tokenizer
+        t0 = time.perf_counter()
+        eng.kv_init("direct", ids)
+        if hello["capabilities"]["graphs"]:
+            eng.bg_capture_start(ahead=args.ahead, behind=args.behind)
+        stops = hello["eos_token_ids"] if args.stop_at_eos else []
+        res = eng.replay_seq("direct", args.steps, sampling={"greedy": True},
+                             stop_token_ids=stops)
+        wall = time.perf_counter() - t0
+        text = tok.decode(res["tokens"], skip_special_tokens=True) if tok else ""
+        status = eng.status()
+        record = {"model": hello["model_path"] or hello["model"], "prompt": args.prompt,
+                  "prompt_ids": ids, "tokens": res["tokens"], "text": text,
+                  "backend": hello["backend"], "device": hello["device_name"],
+                  "dtype": hello["dtype"], "ms_per_token": res["timing"]["ms_per_token"],
+                  "wall_s": round(wall, 3), "stalls": res["stalls"],
+                  "fallbacks": res["fallbacks"], "eager_steps": res["eager_steps"],
+                  "graph_stats": status["graphs"], "timing": res["timing"]}
+        log(f"generated {len(res['tokens'])} tokens, {res['timing']['ms_per_token']} ms/token, "
+            f"stalls {res['stalls']}, fallbacks {res['fallbacks']}, eager steps "
+            f"{res['eager_steps']}, backend {hello['backend']}")
+        if status["graphs"]:
+            g = status["graphs"]
+            log(f"graphs: captured {g['captured']}, capture p50 {g['capture_ms_p50']} ms, p99 "
+                f"{g['capture_ms_p99']} ms, capture rate {g['capture_rate_per_s']}/s")
+        log(f"text: {text[:400]!r}")
+        path = write_run_outputs("direct_custom_decode_500", record, log.lines)
+        print(f"wrote {path}")
+    finally:
+        eng.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
