@@ -89,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RPCError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the ExitStack has stopped a server this command started
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
     t = result["timing"]
     per_tok = f"{t['ms_per_token']:.2f} ms/token" if t["ms_per_token"] is not None else "n/a ms/token"

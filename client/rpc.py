@@ -151,7 +151,8 @@ class RPCClient:
 
     def close(self) -> None:
         self._close_socket()
-        self._ctx.term()
+        if not self._ctx.closed:
+            self._ctx.term()
 
     def __enter__(self) -> "RPCClient":
         return self
@@ -181,12 +182,16 @@ class RPCClient:
             self._reset_socket()
             raise RPCTimeout(f"{method}: cannot queue the request (server unreachable?)") from None
         try:
-            return self._await_reply(method, msg_id, self.timeout_s if timeout_s is None else timeout_s)
-        except BaseException:
+            ok, body = self._await_reply(method, msg_id, self.timeout_s if timeout_s is None else timeout_s)
+        except BaseException:  # timeout, dead server, garbage reply, Ctrl-C: the request is abandoned
             self._reset_socket()
             raise
+        if not ok:  # a complete error reply: the socket is in a clean state and stays
+            raise remote_error(body["type"], body["message"])
+        return body
 
-    def _await_reply(self, method: str, msg_id: int, timeout_s: float) -> Any:
+    def _await_reply(self, method: str, msg_id: int, timeout_s: float) -> tuple[bool, Any]:
+        """(True, result) or (False, {"type", "message"}) for the reply to msg_id."""
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
@@ -204,9 +209,7 @@ class RPCClient:
                 if reply_id != msg_id and not (reply_id is None and not ok):
                     log.debug("discarding stale reply id %r (waiting for %r)", reply_id, msg_id)
                     continue
-                if ok:
-                    return body
-                raise remote_error(body["type"], body["message"])
+                return ok, body
             if self._monitor in events:
                 event = recv_monitor_message(self._monitor)
                 if event["event"] == zmq.EVENT_DISCONNECTED:

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import types
 from typing import Any, Callable, Sequence
 
 from graphserver import protocol
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from graphserver.server import RPCServer, arm_parent_death_signal
 
     parent_pid = None
-    server: list = []  # filled once serving, for the parent-death handler below
+    serving = types.SimpleNamespace(server=None)  # set once serving, for the parent-death handler
     if args.exit_with_parent:
         parent_pid = os.getppid()
 
@@ -109,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if os.getppid() == parent_pid:
                 return  # only the spawning thread ended; the parent process lives on
             log.warning("parent process %s died; shutting down", parent_pid)
-            if server:
-                server[0].request_stop()
+            if serving.server is not None:
+                serving.server.request_stop()
             else:
                 raise SystemExit(1)  # still loading: nothing to close yet
 
@@ -122,13 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # log=: the engine's progress goes to stderr; stdout carries only the READY line.
     engine = _load_factory(args.engine_factory)(**engine_kwargs(args), log=logging.getLogger("graphserver.engine").info)
     try:
-        server.append(RPCServer(engine, args.endpoint, max_msg_size=args.max_msg_size, log=log, parent_pid=parent_pid))
+        server = RPCServer(engine, args.endpoint, max_msg_size=args.max_msg_size, log=log, parent_pid=parent_pid)
     except BaseException:
         engine.close()
         raise
-    server[0].install_signal_handlers()
-    print(f"{protocol.READY_PREFIX}{server[0].endpoint}", flush=True)
-    server[0].serve_forever()  # closes the engine and the socket on the way out
+    serving.server = server
+    server.install_signal_handlers()
+    print(f"{protocol.READY_PREFIX}{server.endpoint}", flush=True)
+    server.serve_forever()  # closes the engine and the socket on the way out
     return 0
 
 

@@ -323,7 +323,8 @@ class Engine:
         """Enqueue the step whose input sits at `pos`; True when it was a graph replay."""
         length = pos + 1
         if self.graphs is None:
-            self.runner.decode_step(attn_max_len=length)
+            with self.tracer.range(f"eager T={length}", "eager"):
+                self.runner.decode_step(attn_max_len=length)
             return False
         key = self.graphs.key_for(length)
         graph = self.graphs.acquire(key, self.wait_s if self.graphs.running else 0.0)

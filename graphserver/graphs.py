@@ -6,8 +6,8 @@ release(handle)), so its window and eviction logic is tested on the CPU with a s
 CUDA capturer below is the only part that needs a GPU.
 
 Graph key: the sequence length T a step runs at (position + 1), rounded up to a multiple of
-`bucket` (bucket 1 = exact-seq mode, the default). The kernels read the exact length from device
-memory, so a graph for key K serves every T in (K - bucket, K].
+`bucket` (bucket 1 = exact-seq mode, the default) and capped at max_len. The kernels read the
+exact length from device memory, so a graph for key K serves every T that rounds up to K.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by nearest rank; 0.0 for no values."""
+    """The q-th percentile (0..100), numpy's method="nearest"; 0.0 for no values."""
     if not values:
         return 0.0
     ordered = sorted(values)
@@ -164,6 +164,9 @@ class GraphManager:
                 handle = self.capturer.capture(key)
                 ms = (time.perf_counter() - t0) * 1e3
                 with self._cond:
+                    if key in self._graphs:       # capture_now raced us to it
+                        self.capturer.release(handle)
+                        continue
                     self._graphs[key] = handle
                     self.stats.record_capture(ms)
                     self._cond.notify_all()
@@ -182,6 +185,9 @@ class GraphManager:
         t0 = time.perf_counter()
         handle = self.capturer.capture(key)
         with self._cond:
+            if key in self._graphs:
+                self.capturer.release(handle)
+                return
             self._graphs[key] = handle
             self.stats.record_capture((time.perf_counter() - t0) * 1e3)
             self._cond.notify_all()

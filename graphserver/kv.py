@@ -39,13 +39,16 @@ class BlockAllocator:
         return session in self._tables
 
     def table(self, session: str) -> list[int]:
+        """A copy of the session's block table (callers must not edit the allocator's own)."""
         try:
-            return self._tables[session]
+            return list(self._tables[session])
         except KeyError:
             raise UnknownSession(f"unknown session {session!r}") from None
 
     def ensure(self, session: str, num_tokens: int) -> list[int]:
         """Grow (or create) the session's table to hold num_tokens tokens; returns the table."""
+        if num_tokens < 0:
+            raise BadRequest(f"session {session!r}: num_tokens must be >= 0, got {num_tokens}")
         if num_tokens > self.max_tokens_per_seq:
             raise BadRequest(f"session {session!r} would hold {num_tokens} tokens; the limit is "
                              f"{self.max_tokens_per_seq} (max_len)")
@@ -58,7 +61,7 @@ class BlockAllocator:
         if need > 0:
             table = table + [self._free.pop() for _ in range(need)]
         self._tables[session] = table
-        return table
+        return list(table)
 
     def free(self, session: str) -> int:
         """Return the session's blocks to the pool; returns how many were freed."""

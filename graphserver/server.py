@@ -18,6 +18,7 @@ import zmq
 from graphserver import protocol
 from graphserver.errors import EngineError
 from graphserver.protocol import ProtocolError
+from graphserver.tracing import Tracer
 
 SOCKET_NAME = "graphserver.sock"
 IPC_PATH_MAX = 107  # sun_path is 108 bytes on Linux including the NUL; zmq refuses longer paths
@@ -45,6 +46,9 @@ class RPCServer:
         linger_ms: int = protocol.DEFAULT_SERVER_LINGER_MS,
     ):
         self._engine = engine
+        # RPC ranges go through the engine's tracer (nvtx + optional torch profiler) when it has
+        # one; a fake engine in tests gets a plain tracer.
+        self._tracer = getattr(engine, "tracer", None) or Tracer()
         self._max_msg_size = int(max_msg_size)
         self._log = log or logging.getLogger(__name__)
         self._parent_pid = parent_pid
@@ -115,7 +119,10 @@ class RPCServer:
                     frames = self._sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
-                self._handle(frames)
+                try:
+                    self._handle(frames)
+                except Exception:  # a bug in this layer must not take the server down either
+                    self._log.exception("failed to handle a message")
         finally:
             self.close()
 
@@ -151,7 +158,8 @@ class RPCServer:
             envelope.append(b"")
             body = body[1:]
         if len(body) != 1:
-            self._send(envelope, protocol.make_error(None, "ProtocolError", f"expected one payload frame, got {len(body)}"))
+            message = f"expected one payload frame, got {len(body)}"
+            self._send(envelope, protocol.make_error(None, "ProtocolError", message))
             return
         reply, stop_after = self._reply_for(body[0])
         self._send(envelope, reply)
@@ -175,8 +183,9 @@ class RPCServer:
             return protocol.make_error(msg_id, INTERNAL_ERROR, f"{type(e).__name__}: {e}"), False
 
     def _dispatch(self, method: str, params: dict) -> Any:
-        """The one call site of every engine method (a hook for nvtx ranges / timing)."""
-        return getattr(self._engine, method)(**params)
+        """The one call site of every engine method, wrapped in an nvtx range."""
+        with self._tracer.range(f"rpc {method}", "rpc"):
+            return getattr(self._engine, method)(**params)
 
     def _send(self, envelope: list[bytes], reply: dict) -> None:
         try:
@@ -188,11 +197,8 @@ class RPCServer:
             )
         if len(payload) > self._max_msg_size:
             self._log.error("reply of %d bytes exceeds max_msg_size", len(payload))
-            payload = protocol.encode(
-                protocol.make_error(
-                    reply.get("id"), INTERNAL_ERROR, f"reply of {len(payload)} bytes exceeds the limit {self._max_msg_size}"
-                )
-            )
+            message = f"reply of {len(payload)} bytes exceeds the limit {self._max_msg_size}"
+            payload = protocol.encode(protocol.make_error(reply.get("id"), INTERNAL_ERROR, message))
         try:
             # NOBLOCK: a slow or vanished peer must not stall the loop; ROUTER drops unroutable replies.
             self._sock.send_multipart(envelope + [payload], zmq.NOBLOCK)

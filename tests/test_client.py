@@ -10,8 +10,8 @@ import time
 import pytest
 import zmq
 
-from client.rpc import (RPCClient, RPCTimeout, ServerDead, ServerProcess, remote_error, RemoteUnknownSession,
-                        spawn_process, spawn_server)
+from client.rpc import (RemoteProtocolError, RemoteUnknownSession, RPCClient, RPCTimeout, ServerDead,
+                        ServerProcess, remote_error, spawn_process, spawn_server)
 from graphserver import errors, protocol
 
 from rpc_helpers import FAKE_ENGINE_ARGS, child_env
@@ -111,9 +111,24 @@ def test_error_reply_without_id_is_raised(ipc):
     router = ScriptedRouter(ipc, on_request)
     try:
         with RPCClient(ipc, timeout_s=TIMEOUT_S) as c:
-            with pytest.raises(Exception) as ei:
+            with pytest.raises(RemoteProtocolError) as ei:
                 c.hello()
             assert ei.value.type == "ProtocolError" and "unreadable" in ei.value.message
+    finally:
+        router.stop()
+
+
+def test_error_replies_keep_the_connection(ipc):
+    def on_request(sock, frames, req):
+        sock.send_multipart(frames[:-1] + [protocol.encode(protocol.make_error(req["id"], "BadRequest", "no"))])
+
+    router = ScriptedRouter(ipc, on_request)
+    try:
+        with RPCClient(ipc, timeout_s=TIMEOUT_S) as c:
+            for _ in range(2):
+                with pytest.raises(errors.BadRequest, match="no"):
+                    c.hello()
+        assert router.seen[0][0] == router.seen[1][0]  # same identity: no reconnect per error
     finally:
         router.stop()
 
@@ -244,6 +259,27 @@ def test_killed_server_mid_request_raises_server_dead():
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def test_server_outlives_the_thread_that_spawned_it():
+    # PR_SET_PDEATHSIG fires when the spawning *thread* exits; the server must tell that apart.
+    spawned = []
+    t = threading.Thread(target=lambda: spawned.append(spawn_server(extra_args=FAKE_ENGINE_ARGS, timeout_s=60.0,
+                                                                   env=child_env())))
+    t.start()
+    t.join(60)
+    proc, endpoint = spawned[0]
+    try:
+        time.sleep(0.5)  # a signal, if sent, has been handled by now
+        assert proc.poll() is None
+        with RPCClient(endpoint, timeout_s=TIMEOUT_S, process=proc) as c:
+            assert c.hello()["model"] == "fake"
+            c.stop()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
 
 
 INTERMEDIATE = """

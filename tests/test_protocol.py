@@ -232,7 +232,8 @@ def test_defaults_are_fresh_objects():
         ({"temperature": 0}, {"greedy": True, "temperature": 0.0}),
         ({"temperature": 0.7}, {"greedy": False, "temperature": 0.7}),
         ({"temperature": 0.7, "greedy": True}, {"greedy": True}),
-        ({"top_k": 40, "top_p": 0.9, "seed": 3, "greedy": False}, {"greedy": False, "top_k": 40, "top_p": 0.9, "seed": 3}),
+        ({"top_k": 40, "top_p": 0.9, "seed": 3, "greedy": False},
+         {"greedy": False, "top_k": 40, "top_p": 0.9, "seed": 3}),
     ],
 )
 def test_sampling_normalization(sampling, expected):

@@ -467,6 +467,17 @@ def test_sampling_support_top_p_keeps_ties():
     assert _keep_idx(keep) == [1]
 
 
+def test_sampling_support_top_p_boundary_is_inclusive():
+    """'Reaching' top_p includes equality: with top_p exactly the top token's share, the top token
+    alone is kept. w = [1, e^-1] (fp32); top_p = 1 / sum(w) makes top_p * sum(w) == 1 == w[0]."""
+    logits = torch.tensor([2.0, 1.0])
+    w_sum = float(torch.tensor(1.0) + torch.exp(torch.tensor(-1.0)))
+    keep, _ = ref.sampling_support(logits, 1.0, 0, 1.0 / w_sum)
+    assert _keep_idx(keep) == [0]
+    keep, _ = ref.sampling_support(logits, 1.0, 0, 1.0 / w_sum + 1e-4)
+    assert _keep_idx(keep) == [0, 1]
+
+
 def test_sampling_support_top_k_then_top_p_on_the_kept_mass():
     # top_k=3 keeps {0.5, 0.2, 0.15} (mass 0.85); top_p=0.8 of that is 0.68 -> {0.5, 0.2}.
     keep, w = ref.sampling_support(L5, 1.0, 3, 0.8)
@@ -513,6 +524,43 @@ def test_sample_row_seeded_determinism_and_variation():
     assert len(set(a)) >= 25
     assert sum(x == y for x, y in zip(a, other)) < 40
     assert all(0 <= t < 50 for t in a)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _inv_mix64(h: int) -> int:
+    """Inverse of splitmix64's finalizer (xor-shifts and odd multipliers are bijections mod 2**64)."""
+    def unxorshift(y: int, s: int) -> int:
+        x = y
+        for _ in range(64 // s + 1):
+            x = y ^ (x >> s)
+        return x
+    z = unxorshift(h, 31)
+    z = (z * pow(0x94D049BB133111EB, -1, 1 << 64)) & _M64
+    z = unxorshift(z, 27)
+    z = (z * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & _M64
+    z = unxorshift(z, 30)
+    return (z - 0x9E3779B97F4A7C15) & _M64
+
+
+def _seed_for_uniform(u24: int, counter: int) -> int:
+    """A seed that makes uniform(seed, counter) == u24 / 2**24 exactly."""
+    return _inv_mix64(u24 << 40) ^ _splitmix64_np(counter)
+
+
+@pytest.mark.parametrize("u24,expected", [
+    (0, 0), (1, 0), (1 << 22, 1), ((1 << 22) - 1, 0), (1 << 23, 2), (3 << 22, 3),
+    ((1 << 24) - 1, 3),
+])
+def test_sample_row_inverse_cdf_uses_half_open_intervals(u24, expected):
+    """Four tied tokens have weights exactly 1, so token i owns u in [i/4, (i+1)/4). The seed is
+    solved for so that u lands exactly on the boundaries."""
+    counter = 12345
+    seed = _seed_for_uniform(u24, counter)
+    assert ref.uniform(seed, counter) == u24 / 2 ** 24            # the precondition holds
+    logits = torch.full((4,), 1.3)
+    assert ref.sample_row(logits, 1.0, 0, 1.0, seed, counter) == expected
 
 
 def _kept_probs_fp64(logits, temperature, top_k, top_p):

@@ -122,7 +122,8 @@ def test_unreadable_requests_get_protocol_error_with_id_none(raw, payload, needl
           "params": {"session": "s", "input_ids": {"__nd__": True, "dtype": "int32", "shape": [3], "data": b"\0" * 5}}},
          "needs 12 bytes, got 5"),
         ({"id": 16, "method": "kv_init",
-          "params": {"session": "s", "input_ids": {"__nd__": True, "dtype": "complex64", "shape": [1], "data": b"\0" * 8}}},
+          "params": {"session": "s",
+                     "input_ids": {"__nd__": True, "dtype": "complex64", "shape": [1], "data": b"\0" * 8}}},
          "not allowed"),
     ],
 )
@@ -371,3 +372,16 @@ def test_parent_watch_stops_the_loop(tmp_path_factory):
     st = ServerThread(engine, f"ipc://{tmp_path_factory.mktemp('pw')}/s.sock", parent_pid=os.getppid() + 1_000_000)
     st.thread.join(TIMEOUT_S)
     assert not st.thread.is_alive() and engine.closed
+
+
+def test_oversized_reply_becomes_an_internal_error(tmp_path_factory):
+    # [20000] float32 logits = 80 KB > the 64 KiB limit: the client gets an error, not a drop.
+    st = ServerThread(FakeEngine(vocab_size=20000), f"ipc://{tmp_path_factory.mktemp('big')}/s.sock",
+                      max_msg_size=MAX_MSG)
+    try:
+        with RPCClient(st.endpoint, timeout_s=TIMEOUT_S) as c:
+            with pytest.raises(RemoteInternalError, match="exceeds the limit"):
+                c.kv_init("s", [1])
+            assert c.hello()["vocab_size"] == 20000
+    finally:
+        st.stop()

@@ -1,0 +1,57 @@
+"""Profiling hooks on the CPU backend: nvtx ranges are emitted, the torch-profiler trace works."""
+import json
+
+from graphserver.engine import Engine
+from graphserver.tracing import Tracer, interval_overlap_ms
+
+
+def test_interval_overlap():
+    a = [(0.0, 1.0), (2.0, 3.0), (0.5, 1.5)]          # merges to (0, 1.5), (2, 3)
+    b = [(1.0, 2.5)]
+    assert abs(interval_overlap_ms(a, b) - 1000.0) < 1e-9   # (1, 1.5) + (2, 2.5)
+    assert interval_overlap_ms(a, []) == 0.0
+
+
+def test_ranges_are_emitted(monkeypatch):
+    pushed, popped = [], []
+    tracer = Tracer()
+    monkeypatch.setattr(tracer._domain, "push_range", lambda message=None, **k: pushed.append(message))
+    monkeypatch.setattr(tracer._domain, "pop_range", lambda *a, **k: popped.append(1))
+    eng = Engine(model="random:tiny", device="cpu", max_len=128, kv_blocks=16,
+                 log=lambda m: None)
+    eng.tracer = tracer
+    try:
+        eng.kv_init("s", [1, 2, 3])
+        eng.replay_seq("s", 4, sampling={"greedy": True})
+    finally:
+        eng.close()
+    assert "prefill 3" in pushed and "replay_seq 4" in pushed
+    assert sum(m.startswith("eager T=") for m in pushed) == 3      # the CPU backend's fallbacks
+    assert len(popped) == len(pushed)
+
+
+def test_server_wraps_every_rpc_in_a_range(monkeypatch):
+    from graphserver.server import RPCServer
+    from fake_engine import FakeEngine
+    names = []
+    srv = RPCServer(FakeEngine(), "inproc://tracing-test")
+    monkeypatch.setattr(srv._tracer._domain, "push_range", lambda message=None, **k: names.append(message))
+    monkeypatch.setattr(srv._tracer._domain, "pop_range", lambda *a, **k: None)
+    srv._dispatch("hello", {})
+    srv.close()
+    assert names == ["rpc hello"]
+
+
+def test_torch_profile_trace_on_cpu(tmp_path):
+    path = tmp_path / "trace.json"
+    eng = Engine(model="random:tiny", device="cpu", max_len=128, kv_blocks=16,
+                 torch_profile=str(path), log=lambda m: None)
+    eng.kv_init("s", [4, 5, 6, 7])
+    eng.replay_seq("s", 3, sampling={"greedy": True})
+    eng.close()
+    trace = json.loads(path.read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "replay_seq 3" in names and "prefill 4" in names
+    summary = json.loads(path.with_suffix(".summary.json").read_text())
+    assert summary["replay_calls"] == 1 and summary["replay_ms"] > 0
+    assert summary["overlap_ms"] == 0.0          # no capture thread on the CPU
