@@ -33,8 +33,8 @@ def _cuda_extension():
         sources=sources,
         libraries=["cublas"],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo",
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo",
                      "--expt-relaxed-constexpr"],
         },
     )

@@ -27,7 +27,11 @@ fi
 failed=0
 for f in "${files[@]}"; do
   name="${f#"$root"/}"
-  if log="$("$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo \
+  # The -D flags are the ones torch's BuildExtension adds to every nvcc call: no implicit
+  # half / bfloat16 conversions or operators, so the check fails where the real build would.
+  if log="$("$nvcc" -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo -Xcompiler -fPIC \
+        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
         -gencode "arch=compute_${arch},code=sm_${arch}" -c -o /dev/null "$f" 2>&1)"; then
     echo "OK   $name"
   else

@@ -192,10 +192,18 @@ def test_linear_unbound_stream_fails_clearly(gemm_workspace):
     x = randn(33, 64, dtype=torch.bfloat16, seed=15)
     w = randn(32, 64, dtype=torch.bfloat16, seed=16)
     out = poisoned(33, 32, dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        with pytest.raises(RuntimeError, match="bind_gemm_stream"):
-            ops.linear(x, w, out)
+    # torch.cuda.Stream() recycles a pool of streams, some of which earlier tests may have bound:
+    # walk the pool until an unbound one turns up; that one must refuse with a clear message.
+    for _ in range(128):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            try:
+                ops.linear(x, w, out)
+            except RuntimeError as exc:
+                assert "bind_gemm_stream" in str(exc)
+                return
+        torch.cuda.synchronize()
+    pytest.fail("every pooled stream already had a cuBLAS handle; none could be checked")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -231,6 +239,7 @@ def test_linear_graph_replay_matches_eager(dtype):
         torch.cuda.synchronize()
         e1 = poisoned(1, n, dtype=dtype)
         e33 = poisoned(33, n, dtype=dtype)
+        stream.wait_stream(torch.cuda.current_stream())  # the poison fills run first
         with torch.cuda.stream(stream):
             ops.linear(x1, w, e1)
             ops.linear(x33, w, e33)

@@ -118,6 +118,9 @@ void bind_gemm_stream(const Tensor& workspace) {
   check_cuda(workspace, op, "workspace", workspace.device());
   check_dtype(workspace, op, "workspace", at::kByte);
   TORCH_CHECK(workspace.numel() > 0, op, ": workspace must not be empty");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(workspace.data_ptr()) % 256 == 0, op,
+              ": workspace must be 256-byte aligned (cuBLAS requires it); pass a fresh "
+              "allocation, not an offset view");
   const c10::Device device = workspace.device();
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);

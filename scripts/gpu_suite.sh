@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU machine's routine, one phase per argument, logs under $OUT (or output/gpu):
+#   build   install the carried wheels, build custom_kernels._C in place, smoke-import it
+#   test    pytest -m cuda, both parity scripts (default model bf16 + random GQA hd128),
+#           run_custom_50, direct_custom_decode_500
+#   bench   scripts/bench_kernels.py and scripts/bench_decode.py ($BENCH_ARGS)
+# A summary table is printed last. Expects the staged GGUF at $GRAPHSERVER_GGUF.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# Logs go to one folder, packed into $OUT/gpu_logs.tgz at the end (the device tool returns few files).
+LOGS=${LOGS:-/tmp/gpu_logs}; mkdir -p "$LOGS"
+OUT=${OUT:-output/gpu}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MAX_JOBS=${MAX_JOBS:-16}
+export GRAPHSERVER_CACHE=${GRAPHSERVER_CACHE:-/root/graphserver-cache}
+if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; fi
+summary=()
+phase() {  # name, timeout_s, command...
+  local name=$1 t=$2; shift 2
+  local t0=$SECONDS
+  timeout "$t" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-22s rc=%-4s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$(grep -E 'passed|failed|error|within tolerance|EQUAL|DIFFER|ms/token|wrote' "$LOGS/$name.log" | tail -n 2 | tr '\n' ' ' | cut -c1-150)")")
+  return $rc
+}
+for what in "$@"; do
+  case $what in
+    build)
+      if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+      fi
+      phase build 500 python3 setup.py build_ext --inplace
+      phase smoke 120 python3 -c "import torch, custom_kernels.ops as o; print('kernels', o.cuda_kernels_available(), torch.cuda.get_device_name())"
+      ;;
+    test)
+      phase pytest_kernels 420 python3 -m pytest -m cuda -q -x -n 8 tests/test_kernels_cuda.py
+      phase pytest_engine 400 python3 -m pytest -m cuda -q -s -rA tests/test_engine_cuda.py
+      phase parity1_default 200 python3 scripts/debug_parity_one_step.py --device cuda
+      phase parity8_default 200 python3 scripts/debug_parity_seq8.py --device cuda
+      phase parity1_hd128 200 python3 scripts/debug_parity_one_step.py --device cuda --model random:tiny-hd128
+      phase parity8_hd128 200 python3 scripts/debug_parity_seq8.py --device cuda --model random:tiny-hd128
+      phase run_custom_50 300 python3 scripts/run_custom_50.py
+      phase direct_500 300 python3 scripts/direct_custom_decode_500.py
+      cp output/run_custom_50.* output/direct_custom_decode_500.* "$LOGS/" 2>/dev/null
+      ;;
+    bench)
+      phase bench_kernels 400 python3 scripts/bench_kernels.py
+      phase bench_decode 560 python3 scripts/bench_decode.py ${BENCH_ARGS:-}
+      cp output/bench/*.json "$LOGS/" 2>/dev/null
+      ;;
+    *) echo "unknown phase $what"; exit 2 ;;
+  esac
+done
+tar czf "$OUT/gpu_logs.tgz" -C "$LOGS" . 2>/dev/null
+echo "==== summary ($(python3 -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null))"
+printf '%s\n' "${summary[@]}"
