@@ -20,6 +20,7 @@ phase() {  # name, timeout_s, command...
   timeout "$t" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   summary+=("$(printf '%-22s rc=%-4s %4ss  %s' "$name" "$rc" $((SECONDS - t0)) "$(grep -E 'passed|failed|error|within tolerance|EQUAL|DIFFER|ms/token|wrote' "$LOGS/$name.log" | tail -n 2 | tr '\n' ' ' | cut -c1-150)")")
+  if [ $rc -ne 0 ]; then echo "---- $name failed (rc=$rc), last lines:"; tail -n 25 "$LOGS/$name.log" | cut -c1-300; fi
   return $rc
 }
 for what in "$@"; do
