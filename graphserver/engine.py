@@ -39,8 +39,13 @@ class Session:
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         use_cuda = torch.cuda.is_available() and ops.cuda_kernels_available()
-        return torch.device("cuda" if use_cuda else "cpu")
+        if use_cuda:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        # an explicit index: streams and the capture thread's set_device need one
+        dev = torch.device("cuda", torch.cuda.current_device())
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for, but torch sees no CUDA device")

@@ -21,14 +21,18 @@ from .kv import BlockAllocator
 from .model import ModelRunner
 from .prepare import resolve_model
 
-# Relative-error limits ||ours - hf|| / ||hf|| per dtype. bf16 is loose because HF rounds between
-# ops (cos/sin tables, attention scores) differently from our fp32-internal kernels.
+# Relative-error limits ||ours - hf|| / ||hf|| per dtype. In half precision HF rounds between ops
+# (cos/sin tables, attention scores, residual adds) where our kernels keep fp32, so the two drift
+# apart over 30 layers; there a tensor also passes when ours is no further from an fp32 run of HF
+# than HF's own half-precision run is (ORACLE_SLACK x, plus a small floor).
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+ORACLE_SLACK, ORACLE_FLOOR = 1.25, 1e-3
 
 
 @dataclass
 class Pair:
     hf: torch.nn.Module
+    hf32: Optional[torch.nn.Module]      # fp32 oracle when dtype is half precision
     runner: ModelRunner
     alloc: BlockAllocator
     cfg: ModelConfig
@@ -61,8 +65,12 @@ def model_dir(spec: Optional[str], seed: int = 0, log=print):
 def load_pair(path: Path, tokenizer_path, dtype: torch.dtype, device: torch.device,
               max_len: int = 512, block_size: int = 16) -> Pair:
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager",
-                                              local_files_only=True).to(device).eval()
+
+    def hf_in(dt):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="eager",
+                                                    local_files_only=True).to(device).eval()
+    hf = hf_in(dtype)
+    hf32 = hf_in(torch.float32) if dtype != torch.float32 else None
     src = resolve_model(str(path))
     cfg = src.config
     weights = load_weights(src, cfg, device, dtype)
@@ -71,7 +79,7 @@ def load_pair(path: Path, tokenizer_path, dtype: torch.dtype, device: torch.devi
                          prefill_chunk=max_len)
     runner.bind_stream()
     alloc = BlockAllocator(blocks, block_size, runner.max_blocks_per_seq)
-    return Pair(hf, runner, alloc, cfg, path, tokenizer_path)
+    return Pair(hf, hf32, runner, alloc, cfg, path, tokenizer_path)
 
 
 def prompt_ids(pair: Pair, n: int = 12, seed: int = 0) -> list[int]:
@@ -159,16 +167,29 @@ def our_last_token_intermediates(pair: Pair, ids: list[int], session: str = "p1"
     return out
 
 
-def compare(ours: dict, ref: dict, dtype: torch.dtype, log=print) -> list[dict]:
-    """Rows of {name, max_abs, rel, ok}; prints one line per tensor."""
+def compare(ours: dict, ref: dict, dtype: torch.dtype, log=print,
+            ref32: Optional[dict] = None) -> list[dict]:
+    """Rows of {name, max_abs, rel, ok}; prints one line per tensor.
+
+    ref32, when given, is an fp32 run of HF on the same inputs: a tensor also passes when
+    ||ours - ref32|| <= ORACLE_SLACK * ||hf - ref32|| + ORACLE_FLOOR (relative errors).
+    """
     tol = TOLERANCE[dtype]
     rows = []
     for name in ref:
         max_abs, rel = rel_err(ours[name], ref[name])
-        ok = rel <= tol and max_abs == max_abs            # NaN never passes
-        rows.append({"name": name, "max_abs": max_abs, "rel": rel, "ok": ok})
-        log(f"{'ok ' if ok else 'BAD'} {name:<16} max_abs {max_abs:10.3e}  rel {rel:10.3e}"
-            f"  (tol {tol:.0e})")
+        row = {"name": name, "max_abs": max_abs, "rel": rel, "ok": rel <= tol}
+        extra = ""
+        if ref32 is not None:
+            _, ours32 = rel_err(ours[name], ref32[name])
+            _, hf32 = rel_err(ref[name], ref32[name])
+            row.update(ours_vs_fp32=ours32, hf_vs_fp32=hf32)
+            row["ok"] = row["ok"] or ours32 <= ORACLE_SLACK * hf32 + ORACLE_FLOOR
+            extra = f"  vs fp32: ours {ours32:9.3e} hf {hf32:9.3e}"
+        row["ok"] = row["ok"] and max_abs == max_abs            # NaN never passes
+        rows.append(row)
+        log(f"{'ok ' if row['ok'] else 'BAD'} {name:<16} max_abs {max_abs:10.3e}  rel {rel:10.3e}"
+            f"  (tol {tol:.0e}){extra}")
     return rows
 
 
@@ -182,39 +203,45 @@ def hf_cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def seq_parity(pair: Pair, ids: list[int], steps: int, dtype, log=print) -> list[dict]:
-    """Prefill, then `steps` decode steps fed HF's greedy tokens on both sides; compares logits at
-    every step and, at the end, our paged K/V of every layer against HF's cache."""
+    """Prefill, then `steps` decode steps fed HF's greedy token on both sides; compares logits at
+    every step and, at the end, our paged K/V of every layer against HF's cache (and against an
+    fp32 HF run fed the same tokens, when the dtype is half precision)."""
     from transformers import DynamicCache
     runner, cfg, dev = pair.runner, pair.cfg, pair.runner.device
     table = pair.alloc.ensure("seq", len(ids) + steps)
     rows = []
+    hfs = [pair.hf] + ([pair.hf32] if pair.hf32 is not None else [])
+    caches = [DynamicCache() for _ in hfs]
+
+    def hf_logits(tokens):
+        x = torch.tensor([tokens], device=dev)
+        return [m(x, past_key_values=c, use_cache=True).logits[0, -1] for m, c in zip(hfs, caches)]
+
+    def check(name, ours, refs):
+        ref32 = {name: refs[1]} if len(refs) > 1 else None
+        return compare({name: ours}, {name: refs[0]}, dtype, log, ref32)
+
     with torch.no_grad():
-        cache = DynamicCache()
-        out = pair.hf(torch.tensor([ids], device=dev), past_key_values=cache, use_cache=True)
+        refs = hf_logits(ids)
         runner.prefill(ids, table)
-        rows += compare({"logits.prefill": runner.io.logits[0]},
-                        {"logits.prefill": out.logits[0, -1]}, dtype, log)
-        token = int(out.logits[0, -1].argmax())
+        rows += check("logits.prefill", runner.io.logits[0], refs)
+        token = int(refs[0].argmax())
         pos = len(ids)
         for step in range(steps):
-            out = pair.hf(torch.tensor([[token]], device=dev), past_key_values=cache,
-                          use_cache=True)
+            refs = hf_logits([token])
             runner.load_session(table, pos, token)
             runner.set_sampling(0.0, 0, 1.0, 0)
             runner.decode_step(attn_max_len=pos + 1)
-            name = f"logits.step{step}"
-            rows += compare({name: runner.io.logits[0]}, {name: out.logits[0, -1]}, dtype, log)
-            token = int(out.logits[0, -1].argmax())
+            rows += check(f"logits.step{step}", runner.io.logits[0], refs)
+            token = int(refs[0].argmax())
             pos += 1
-        length = pos
+        length, bs = pos, runner.block_size
+        idx = torch.arange(length)
+        blocks = torch.tensor(table, dtype=torch.long)[idx // bs].to(dev)
+        slots = (idx % bs).to(dev)
         for i in range(cfg.num_layers):
-            hk, hv = hf_cache_kv(cache, i)
-            bs = runner.block_size
-            idx = torch.arange(length)
-            blocks = torch.tensor(table, dtype=torch.long)[idx // bs].to(dev)
-            slots = (idx % bs).to(dev)
-            ok_, ov_ = runner.kv.k(i)[blocks, slots], runner.kv.v(i)[blocks, slots]
-            rows += compare({f"K.{i}": ok_, f"V.{i}": ov_}, {f"K.{i}": hk, f"V.{i}": hv}, dtype,
-                            log)
+            kvs = [hf_cache_kv(c, i) for c in caches]
+            rows += check(f"K.{i}", runner.kv.k(i)[blocks, slots], [kv[0] for kv in kvs])
+            rows += check(f"V.{i}", runner.kv.v(i)[blocks, slots], [kv[1] for kv in kvs])
     pair.alloc.free("seq")
     return rows

@@ -150,14 +150,9 @@ def hf_model(torch, spec, dtype):
     from graphserver.prepare import resolve_model
     if spec.startswith("random:"):
         cfg = LlamaConfig(**RANDOM_SHAPES[spec.split(":", 1)[1]])
-        cfg.torch_dtype = dtype
-        with torch.device("cuda"):
-            torch.set_default_dtype(dtype)
-            try:
-                model = LlamaForCausalLM(cfg)
-            finally:
-                torch.set_default_dtype(torch.float32)
-        return model.eval()
+        with torch.device("cuda"):          # random init on the GPU: seconds, not minutes
+            model = LlamaForCausalLM(cfg)
+        return model.to(dtype).eval()
     src = resolve_model(spec)
     return AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype,
                                                 local_files_only=True).to("cuda").eval()

@@ -28,8 +28,10 @@ def main(argv=None) -> int:
         ids = prompt_ids(pair)
         print(f"model {args.model or 'default'} on {device} {dtype}, prompt of {len(ids)} tokens")
         ref = hf_last_token_intermediates(pair.hf, ids, device)
+        ref32 = (hf_last_token_intermediates(pair.hf32, ids, device)
+                 if pair.hf32 is not None else None)
         ours = our_last_token_intermediates(pair, ids)
-        rows = compare(ours, ref, dtype)
+        rows = compare(ours, ref, dtype, ref32=ref32)
     bad = [r["name"] for r in rows if not r["ok"]]
     worst = max(rows, key=lambda r: r["rel"])
     print(f"{len(rows) - len(bad)}/{len(rows)} tensors within tolerance; worst {worst['name']} "

@@ -44,6 +44,15 @@ for what in "$@"; do
       phase direct_500 300 python3 scripts/direct_custom_decode_500.py
       cp output/run_custom_50.* output/direct_custom_decode_500.* "$LOGS/" 2>/dev/null
       ;;
+    retest)   # after a kernel-test pass: only what changed, plus everything above the kernels
+      phase pytest_kernels 300 python3 -m pytest -m cuda -q -x tests/test_kernels_cuda.py ${KERNEL_K:+-k "$KERNEL_K"}
+      phase pytest_engine 400 python3 -m pytest -m cuda -q -s -rA tests/test_engine_cuda.py
+      phase parity1_default 200 python3 scripts/debug_parity_one_step.py --device cuda
+      phase parity8_default 200 python3 scripts/debug_parity_seq8.py --device cuda
+      phase run_custom_50 300 python3 scripts/run_custom_50.py
+      phase direct_500 300 python3 scripts/direct_custom_decode_500.py
+      cp output/run_custom_50.* output/direct_custom_decode_500.* "$LOGS/" 2>/dev/null
+      ;;
     bench)
       phase bench_kernels 400 python3 scripts/bench_kernels.py
       phase bench_decode 560 python3 scripts/bench_decode.py ${BENCH_ARGS:-}
