@@ -101,6 +101,14 @@ def attention_workspace_numel(batch: int, num_q_heads: int, head_dim: int, max_l
     return int(_kernels().attention_workspace_numel(batch, num_q_heads, head_dim, max_len))
 
 
+def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
+    """The split count decode_attention launches with for this max_len: the only part of a
+    decode step's launch configuration that depends on the sequence length."""
+    if not cuda_kernels_available():
+        return 1
+    return int(_kernels().decode_attention_splits(batch, num_kv_heads, max_len))
+
+
 def prefill_attention(q, k_cache, v_cache, block_table, start_pos: int, scale: float, out):
     if out.is_cuda:
         return _kernels().prefill_attention(q, k_cache, v_cache, block_table, int(start_pos),

@@ -31,7 +31,8 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class GraphStats:
-    captured: int = 0
+    captured: int = 0          # keys made ready (new captures + shared executables)
+    shared: int = 0            # of which reused an executable captured for another key
     evicted: int = 0
     replays: int = 0
     stalls: int = 0
@@ -41,12 +42,15 @@ class GraphStats:
     first_capture_t: float = 0.0
     last_capture_t: float = 0.0
 
-    def record_capture(self, ms: float, keep: int = 2048) -> None:
+    def record_capture(self, ms: float, shared: bool = False, keep: int = 2048) -> None:
         now = time.perf_counter()
         if not self.captured:
             self.first_capture_t = now
         self.last_capture_t = now
         self.captured += 1
+        if shared:             # a lookup, not a capture: kept out of the capture-time figures
+            self.shared += 1
+            return
         self.capture_ms.append(ms)
         del self.capture_ms[:-keep]
 
@@ -168,7 +172,7 @@ class GraphManager:
                         self.capturer.release(handle)
                         continue
                     self._graphs[key] = handle
-                    self.stats.record_capture(ms)
+                    self.stats.record_capture(ms, getattr(handle, "shared", False))
                     self._cond.notify_all()
         except BaseException as exc:   # surfaced to the request thread, never lost
             with self._cond:
@@ -189,7 +193,8 @@ class GraphManager:
                 self.capturer.release(handle)
                 return
             self._graphs[key] = handle
-            self.stats.record_capture((time.perf_counter() - t0) * 1e3)
+            self.stats.record_capture((time.perf_counter() - t0) * 1e3,
+                                      getattr(handle, "shared", False))
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ the request side
@@ -252,7 +257,8 @@ class GraphManager:
                 "mode": "exact" if self.bucket == 1 else f"bucket{self.bucket}",
                 "bucket": self.bucket, "running": self._running,
                 "window": {"ahead": self.ahead, "behind": self.behind},
-                "resident": len(self._graphs), "captured": st.captured, "evicted": st.evicted,
+                "resident": len(self._graphs), "captured": st.captured, "shared": st.shared,
+                "new_captures": st.captured - st.shared, "evicted": st.evicted,
                 "replays": st.replays, "stalls": st.stalls, "stall_ms": round(st.stall_ms, 3),
                 "fallbacks": st.fallbacks,
                 "capture_ms_p50": round(percentile(st.capture_ms, 50), 3),
@@ -263,49 +269,82 @@ class GraphManager:
             }
 
 
+@dataclass
+class GraphHandle:
+    """One key's graph. Keys whose steps launch identically share one executable."""
+    graph: "torch.cuda.CUDAGraph"
+    signature: tuple
+    shared: bool          # True when this key reused an executable captured for another key
+
+    def replay(self) -> None:
+        self.graph.replay()     # on the caller's current stream
+
+
 class CudaGraphCapturer:
     """Captures runner.decode_step(attn_max_len=key) into a torch.cuda.CUDAGraph on its own stream.
 
-    Capture uses thread-local capture mode (the request thread keeps launching work meanwhile) and
-    one memory pool shared by all graphs. torch.cuda.graph() is avoided on purpose: its __enter__
-    synchronizes the whole device, which would stall the concurrent replays.
+    Capture uses thread-local capture mode (the request thread keeps launching work meanwhile).
+    torch.cuda.graph() is avoided on purpose: its __enter__ synchronizes the whole device, which
+    would stall the concurrent replays. Each graph gets its own (empty) memory pool: the step
+    allocates nothing, and a pool shared across graphs trips an allocator assert in torch once
+    every graph using it has been reset.
+
+    Sharing: the decode step's launches depend on the length only through the attention split
+    count (the kernels read the exact length from device memory), so graphs of lengths with the
+    same runner.step_signature(key) are identical. A key whose signature is already captured
+    gets that executable (refcounted) instead of a new capture: capture cost is paid once per
+    split count, not once per token, which is what lets exact-length capture outrun replay.
     """
 
-    def __init__(self, runner, device: torch.device, tracer=None):
+    def __init__(self, runner, device: torch.device, tracer=None, share: bool = True):
         self.runner = runner
-        self.tracer = tracer
         self.device = device
+        self.tracer = tracer
+        self.share = share
         self.stream = torch.cuda.Stream(device=device)
-        self.pool = torch.cuda.graph_pool_handle()
         self._mem_before = torch.cuda.memory_reserved(device)
         self._bound = False
+        self._lock = threading.Lock()
+        self._by_sig: dict[tuple, list] = {}      # signature -> [graph, refcount]
 
     def on_thread_start(self) -> None:
         torch.cuda.set_device(self.device)
 
-    def capture(self, key: int):
+    def capture(self, key: int) -> GraphHandle:
+        sig = self.runner.step_signature(key)
+        if self.share:
+            with self._lock:
+                entry = self._by_sig.get(sig)
+                if entry is not None:
+                    entry[1] += 1
+                    return GraphHandle(entry[0], sig, shared=True)
         graph = torch.cuda.CUDAGraph()
         rng = self.tracer.range(f"capture T={key}", "capture") if self.tracer else nullcontext()
         with rng, torch.cuda.stream(self.stream):
             if not self._bound:       # the cuBLAS handle must exist before any capture begins
                 self.runner.bind_stream()
                 self._bound = True
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self.runner.decode_step(attn_max_len=key)
             finally:
                 graph.capture_end()
-        return graph
+        with self._lock:
+            if self.share:
+                self._by_sig[sig] = [graph, 1]
+        return GraphHandle(graph, sig, shared=False)
 
-    @staticmethod
-    def replay(graph) -> None:
-        graph.replay()     # on the caller's current stream
-
-    @staticmethod
-    def release(graph) -> None:
+    def release(self, handle: GraphHandle) -> None:
         # cudaGraphExecDestroy on an in-flight graph frees it once it completes (CUDA docs),
         # so eviction never has to wait for the replay stream.
-        graph.reset()
+        with self._lock:
+            entry = self._by_sig.get(handle.signature) if self.share else None
+            if entry is not None and entry[0] is handle.graph:
+                entry[1] -= 1
+                if entry[1] > 0:
+                    return
+                del self._by_sig[handle.signature]
+        handle.graph.reset()
 
     def memory_bytes(self) -> int:
         return max(0, torch.cuda.memory_reserved(self.device) - self._mem_before)

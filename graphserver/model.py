@@ -178,6 +178,12 @@ class ModelRunner:
             probe("logits", -1, io.logits)
         self.sample_pending()
 
+    def step_signature(self, attn_max_len: int) -> tuple:
+        """What of decode_step's launch configuration depends on attn_max_len: the attention
+        split count. Steps with equal signatures launch identical kernels with identical
+        arguments (lengths are read from io.position on the device)."""
+        return (ops.decode_attention_splits(1, self.cfg.num_kv_heads, attn_max_len),)
+
     def sample_pending(self) -> None:
         """Sample from io.logits into io.token_in / token_hist and advance io.position."""
         io = self.io

@@ -3,6 +3,7 @@ sys.path so they run from a checkout without installing."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,24 @@ def hf_greedy(model_path, prompt_ids: list[int], new_tokens: int, dtype_name: st
                           min_new_tokens=new_tokens, do_sample=False, top_p=None, top_k=None,
                           temperature=None)
     return out[0, len(prompt_ids):].tolist()
+
+
+def hf_near_tie(model_path, prompt_ids: list[int], hf_tokens: list[int], index: int,
+                our_token: int, dtype_name: str, device: str) -> tuple[float, float]:
+    """At a divergence: (HF's logit of its token minus HF's logit of ours, the dtype's logit
+    step there). A margin within one or two steps is a near-tie that rounding can flip."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name, torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True)
+    hf = hf.to(device).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt_ids + hf_tokens[:index]], device=device)).logits[0, -1]
+    margin = float(logits[hf_tokens[index]].float() - logits[our_token].float())
+    top = float(logits.float().abs().max())
+    mant = {torch.bfloat16: 7, torch.float16: 10}.get(dtype, 23)
+    step = 2.0 ** (math.floor(math.log2(max(top, 1e-30))) - mant)
+    return margin, step
 
 
 def first_divergence(a: list[int], b: list[int]):

@@ -80,6 +80,36 @@ def test_replay_logits_equal_eager_logits(eng):
     assert torch.equal(io.logits, eager)
 
 
+def test_shared_executable_serves_the_next_length_exactly(eng):
+    """Keys with the same launch signature share one executable; replaying it at the second
+    length gives the eager step's logits at that length, bit for bit."""
+    ids = _prompt(70, eng.cfg.vocab_size, salt=4)
+    r, io = eng.runner, eng.runner.io
+    t1, t2 = len(ids) + 1, len(ids) + 2
+    assert r.step_signature(t1) == r.step_signature(t2)
+    eng.graphs.clear()
+    eng.graphs.capture_now(t1)
+    eng.graphs.capture_now(t2)
+    snap = eng.graphs.snapshot()
+    assert snap["shared"] >= 1
+    table = eng.alloc.ensure("sh", t2)
+    with torch.cuda.stream(eng.replay_stream):
+        r.prefill(ids + [9], table)            # cache holds t1 tokens; the step runs at t2
+        r.load_session(table, t1, 23)
+        r.set_sampling(0.0, 0, 1.0, 0)
+        r.decode_step(attn_max_len=t2)
+        eager = io.logits.clone()
+        r.load_session(table, t1, 23)
+        io.logits.fill_(float("nan"))
+    g = eng.graphs.acquire(t2, 0)
+    with torch.cuda.stream(eng.replay_stream):
+        g.replay()
+    eng.graphs.unpin(t2)
+    torch.cuda.synchronize()
+    eng.alloc.free("sh")
+    assert g.shared and torch.equal(io.logits, eager)
+
+
 @pytest.mark.parametrize("bucket", [1, 16])
 def test_concurrent_capture_equals_precaptured(bucket):
     e = _engine(graph_bucket=bucket)

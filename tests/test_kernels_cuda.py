@@ -384,8 +384,9 @@ def test_decode_attention_rejects_bad_max_len():
     block_tables = torch.arange(4, dtype=torch.int32, device=DEV).view(1, 4)
     positions = torch.tensor([10], dtype=torch.int32, device=DEV)
     out = poisoned(1, 9, 64, dtype=torch.bfloat16)
+    ws = torch.empty(1 << 16, dtype=torch.float32, device=DEV)
     with pytest.raises(RuntimeError, match="max_len must be > 0"):
-        ops.decode_attention(q, k_cache, v_cache, block_tables, positions, 0.125, out, None, 0)
+        ops.decode_attention(q, k_cache, v_cache, block_tables, positions, 0.125, out, ws, 0)
     with pytest.raises(RuntimeError, match="workspace"):
         ops.decode_attention(q, k_cache, v_cache, block_tables, positions, 0.125, out, None, 64)
 

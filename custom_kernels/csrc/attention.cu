@@ -75,10 +75,14 @@ decode_split_kernel(const T* __restrict__ q,                 // [B, nq, D]
 
   // Clamped to what the block table can address: a bad position must not read out of bounds.
   const int len = min(positions[b] + 1, MB << bs_shift);
-  const int start = split * chunk;
-  // The last split also takes anything past max_len: correct (if slower) should a row ever be
-  // longer than the length the launch was sized for.
-  const int end = (split == splits - 1) ? len : min(len, start + chunk);
+  // The chunk comes from the actual length on the device, not from the host: the launch then
+  // depends on `splits` alone, so graphs of consecutive lengths with the same split count are
+  // identical and can share one executable (graphserver/graphs.py). The host `chunk` argument is
+  // unused.
+  (void)chunk;
+  const int dchunk = (len + splits - 1) / splits;
+  const int start = split * dchunk;
+  const int end = (split == splits - 1) ? len : min(len, start + dchunk);
   const int32_t* bt = block_tables + static_cast<int64_t>(b) * MB;
 
   float qf[G][8];
@@ -523,9 +527,9 @@ int decode_attention_num_splits(int B, int nkv, int max_len) {
   int64_t s = by_len < by_occupancy ? by_len : by_occupancy;
   if (s > kMaxSplits) s = kMaxSplits;
   if (s < 1) s = 1;
-  // Even chunks; recounting drops splits that would start past max_len.
-  const int64_t chunk = ceil_div64(max_len, s);
-  return static_cast<int>(ceil_div64(max_len, chunk));
+  // A function of max_len that changes only every kMinChunk tokens (and not at all past the
+  // occupancy cap): the kernel sizes its chunks from the device length.
+  return static_cast<int>(s);
 }
 
 int64_t decode_attention_workspace_needed(int B, int nq, int nkv, int D, int max_len) {

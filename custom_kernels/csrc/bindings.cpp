@@ -450,6 +450,16 @@ int64_t attention_workspace_numel(int64_t batch, int64_t num_q_heads, int64_t he
                                               to_int(max_len, op, "max_len"));
 }
 
+int64_t decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t max_len) {
+  const char* op = "decode_attention_splits";
+  TORCH_CHECK(batch > 0 && num_kv_heads > 0 && max_len > 0, op,
+              ": every argument must be > 0; got batch = ", batch, ", num_kv_heads = ",
+              num_kv_heads, ", max_len = ", max_len);
+  return ck::decode_attention_num_splits(to_int(batch, op, "batch"),
+                                         to_int(num_kv_heads, op, "num_kv_heads"),
+                                         to_int(max_len, op, "max_len"));
+}
+
 void prefill_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                        const Tensor& block_table, int64_t start_pos, double scale, Tensor& out) {
   const char* op = "prefill_attention";
@@ -555,6 +565,8 @@ TORCH_LIBRARY(custom_kernels, m) {
   // No tensor argument to dispatch on: registered once, for every backend.
   m.def("attention_workspace_numel(int batch, int num_q_heads, int head_dim, int max_len) -> int",
         &attention_workspace_numel);
+  m.def("decode_attention_splits(int batch, int num_kv_heads, int max_len) -> int",
+        &decode_attention_splits);
 }
 
 TORCH_LIBRARY_IMPL(custom_kernels, CUDA, m) {
