@@ -6,6 +6,7 @@ request thread waits only on events it recorded itself.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import sys
@@ -93,6 +94,7 @@ class Engine:
                  max_len: Optional[int] = None, cache_dir: Optional[str] = None,
                  gguf: Optional[str] = None, torch_profile: Optional[str] = None,
                  wait_s: float = 10.0, prefill_chunk: int = 512, seed: int = 0,
+                 max_inflight: int = 32,
                  log: Optional[Callable[[str], None]] = None):
         # stderr by default: a server's stdout carries only its READY line.
         self.log = log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -118,6 +120,7 @@ class Engine:
         self.alloc = BlockAllocator(kv_blocks, block_size, self.runner.max_blocks_per_seq)
         self.sessions: dict[str, Session] = {}
         self.wait_s = wait_s
+        self.max_inflight = max_inflight
         self.graphs: Optional[GraphManager] = None
         if self.is_cuda:
             self.hist_host = torch.empty(self.max_len + 1, dtype=torch.int32).pin_memory()
@@ -288,7 +291,10 @@ class Engine:
             checked_upto = first_pos - 1
             stop_at = None
             pending_checks: list = []
+            inflight: collections.deque = collections.deque()
             for i in range(graph_steps):
+                if self.is_cuda:
+                    self._bound_inflight(inflight, i)
                 used_graph = self._one_step(session, pos)
                 eager += not used_graph
                 fallbacks += (not used_graph) and self.graphs is not None
@@ -323,6 +329,20 @@ class Engine:
             "timing": {"total_ms": round(gpu_ms, 3), "host_ms": round(host_ms, 3),
                        "steps": graph_steps, "ms_per_token": round(gpu_ms / n, 4)},
         }
+
+    def _bound_inflight(self, inflight: collections.deque, i: int) -> None:
+        """Keep at most max_inflight steps queued ahead of the GPU.
+
+        Without a bound the host enqueues a whole replay_seq in a few ms and reaches lengths the
+        capture thread has not got to yet (a stall on the host while the GPU still has plenty
+        queued). Bounded, the capture window stays ahead of where the host is.
+        """
+        if i % 8 == 0:
+            ev = torch.cuda.Event()
+            ev.record()
+            inflight.append((i, ev))
+        while inflight and inflight[0][0] <= i - self.max_inflight:
+            inflight.popleft()[1].synchronize()
 
     def _one_step(self, session: str, pos: int) -> bool:
         """Enqueue the step whose input sits at `pos`; True when it was a graph replay."""
@@ -403,7 +423,7 @@ class Engine:
                               "replay_seq runs the eager step there")
         return self.graphs
 
-    def bg_capture_start(self, ahead: int = 8, behind: int = 2) -> dict:
+    def bg_capture_start(self, ahead: int = 32, behind: int = 2) -> dict:
         for name, v in (("ahead", ahead), ("behind", behind)):
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 4096:
                 raise BadRequest(f"{name} must be an int in [0, 4096], got {v!r}")

@@ -58,7 +58,7 @@ class GraphStats:
 class GraphManager:
     """Keeps graphs for keys in a window [T - behind, T + ahead] around every live length."""
 
-    def __init__(self, capturer, max_len: int, bucket: int = 1, ahead: int = 8, behind: int = 2,
+    def __init__(self, capturer, max_len: int, bucket: int = 1, ahead: int = 32, behind: int = 2,
                  log: Callable[[str], None] = lambda msg: None):
         if bucket < 1:
             raise ValueError("bucket must be >= 1")
@@ -149,7 +149,7 @@ class GraphManager:
                 self.capturer.release(self._graphs.pop(k))
                 self.stats.evicted += 1
         for k in wanted:
-            if k not in self._graphs:
+            if k not in self._graphs and self._try_share(k) is None:
                 return k
         return None
 
@@ -210,6 +210,10 @@ class GraphManager:
         """
         with self._cond:
             handle = self._graphs.get(key)
+            if handle is None:
+                # A key whose launches equal an existing executable's needs no capture: take it
+                # here rather than waiting for the capture thread to get round to it.
+                handle = self._try_share(key)
             if handle is None and self._running and wait_s > 0:
                 t0 = time.perf_counter()
                 self.stats.stalls += 1
@@ -228,6 +232,16 @@ class GraphManager:
                 self._pinned.add(key)
             return handle
 
+    def _try_share(self, key: int):
+        """Under the lock: a shared handle for key from the capturer, installed, or None."""
+        share = getattr(self.capturer, "try_share", None)
+        handle = share(key) if share is not None else None
+        if handle is not None:
+            self._graphs[key] = handle
+            self.stats.record_capture(0.0, shared=True)
+            self._cond.notify_all()
+        return handle
+
     def unpin(self, key: int) -> None:
         with self._cond:
             self._pinned.discard(key)
@@ -245,9 +259,13 @@ class GraphManager:
             return keys.issubset(self._graphs)
 
     def clear(self) -> None:
+        """Drop every graph, idle executables included (the next steps run eagerly)."""
         with self._cond:
             for k in list(self._graphs):
                 self.capturer.release(self._graphs.pop(k))
+            purge = getattr(self.capturer, "purge", None)
+            if purge is not None:
+                purge()
 
     def snapshot(self) -> dict:
         with self._cond:
@@ -296,7 +314,8 @@ class CudaGraphCapturer:
     split count, not once per token, which is what lets exact-length capture outrun replay.
     """
 
-    def __init__(self, runner, device: torch.device, tracer=None, share: bool = True):
+    def __init__(self, runner, device: torch.device, tracer=None, share: bool = True,
+                 keep_idle: int = 16):
         self.runner = runner
         self.device = device
         self.tracer = tracer
@@ -306,18 +325,33 @@ class CudaGraphCapturer:
         self._bound = False
         self._lock = threading.Lock()
         self._by_sig: dict[tuple, list] = {}      # signature -> [graph, refcount]
+        # Executables no key uses any more, kept (most recent last) so a later session at those
+        # lengths finds them ready: a few MB each against a 2-4 ms capture.
+        self.keep_idle = keep_idle
+        self._idle: list[tuple] = []
 
     def on_thread_start(self) -> None:
         torch.cuda.set_device(self.device)
 
-    def capture(self, key: int) -> GraphHandle:
+    def try_share(self, key: int) -> Optional[GraphHandle]:
+        """A handle on an existing executable with key's launch signature, or None."""
+        if not self.share:
+            return None
         sig = self.runner.step_signature(key)
-        if self.share:
-            with self._lock:
-                entry = self._by_sig.get(sig)
-                if entry is not None:
-                    entry[1] += 1
-                    return GraphHandle(entry[0], sig, shared=True)
+        with self._lock:
+            entry = self._by_sig.get(sig)
+            if entry is None:
+                return None
+            entry[1] += 1
+            if sig in self._idle:
+                self._idle.remove(sig)
+            return GraphHandle(entry[0], sig, shared=True)
+
+    def capture(self, key: int) -> GraphHandle:
+        handle = self.try_share(key)
+        if handle is not None:
+            return handle
+        sig = self.runner.step_signature(key)
         graph = torch.cuda.CUDAGraph()
         rng = self.tracer.range(f"capture T={key}", "capture") if self.tracer else nullcontext()
         with rng, torch.cuda.stream(self.stream):
@@ -343,8 +377,22 @@ class CudaGraphCapturer:
                 entry[1] -= 1
                 if entry[1] > 0:
                     return
-                del self._by_sig[handle.signature]
-        handle.graph.reset()
+                self._idle.append(handle.signature)
+                if len(self._idle) <= self.keep_idle:
+                    return
+                oldest = self._idle.pop(0)
+                graph = self._by_sig.pop(oldest)[0]
+            else:
+                graph = handle.graph
+        graph.reset()
+
+    def purge(self) -> None:
+        """Destroy the idle executables kept for reuse."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            graphs = [self._by_sig.pop(sig)[0] for sig in idle]
+        for g in graphs:
+            g.reset()
 
     def memory_bytes(self) -> int:
         return max(0, torch.cuda.memory_reserved(self.device) - self._mem_before)

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=500, help="tokens to generate (default 500)")
     p.add_argument("--graph-bucket", type=int, default=1,
                    help="1 = exact-length graphs (default); N rounds lengths up to multiples of N")
-    p.add_argument("--ahead", type=int, default=8, help="capture window ahead of the length")
+    p.add_argument("--ahead", type=int, default=32, help="capture window ahead of the length")
     p.add_argument("--behind", type=int, default=2, help="graphs kept behind the length")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the model's EOS tokens")
     p.add_argument("--torch-profile", default=None, help="write a torch-profiler Chrome trace here")

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                    help="use a running server at this endpoint instead of starting one")
     p.add_argument("--graph-bucket", type=int, default=1,
                    help="1 = exact-length graphs (default); N rounds lengths up to multiples of N")
-    p.add_argument("--ahead", type=int, default=8, help="graphs captured ahead of the length")
+    p.add_argument("--ahead", type=int, default=32, help="graphs captured ahead of the length")
     p.add_argument("--behind", type=int, default=2, help="graphs kept behind the length")
     p.add_argument("--no-hf-check", action="store_true",
                    help="skip the comparison with HF transformers' greedy generate")
