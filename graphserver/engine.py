@@ -207,6 +207,9 @@ class Engine:
         if session in self.sessions:      # re-initialising a session replaces it
             self.kv_free(session)
         table = self.alloc.ensure(session, len(ids))
+        if self.graphs:
+            # Announce the length before prefill: the capture thread can work during it.
+            self.graphs.note_length(session, len(ids) + 1)
         try:
             with self.tracer.range(f"prefill {len(ids)}", "prefill"), self._on_replay_stream():
                 self.runner.prefill(ids, table)
@@ -214,6 +217,8 @@ class Engine:
                 reply = self._logits_reply(logits, top_k)
         except BaseException:
             self.alloc.free(session)
+            if self.graphs:
+                self.graphs.forget(session)
             raise
         self.sessions[session] = Session(length=len(ids), logits=logits)
         if self.graphs:
