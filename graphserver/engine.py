@@ -93,7 +93,7 @@ class Engine:
                  kv_blocks: Optional[int] = None, block_size: int = 16, graph_bucket: int = 1,
                  max_len: Optional[int] = None, cache_dir: Optional[str] = None,
                  gguf: Optional[str] = None, torch_profile: Optional[str] = None,
-                 wait_s: float = 10.0, prefill_chunk: int = 512, seed: int = 0,
+                 wait_s: float = 10.0, prefill_chunk: int = 1024, seed: int = 0,
                  max_inflight: int = 32,
                  log: Optional[Callable[[str], None]] = None):
         # stderr by default: a server's stdout carries only its READY line.
