@@ -455,7 +455,14 @@ class Engine:
         mgr.stop()
         return mgr.snapshot()
 
-    def close(self) -> None:
+    def close(self) -> Optional[dict]:
+        """Stop the capture thread; with --torch-profile, write the trace and return (and log)
+        the capture/replay overlap summary."""
         if self.graphs:
             self.graphs.stop()
-        self.tracer.close()
+        summary = self.tracer.close()
+        if summary:
+            self.log(f"torch profile: {summary['trace']}; capture {summary['capture_ms']} ms in "
+                     f"{summary['captures']} captures, replay {summary['replay_ms']} ms in "
+                     f"{summary['replay_calls']} calls, overlapping {summary['overlap_ms']} ms")
+        return summary
