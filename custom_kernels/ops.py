@@ -68,6 +68,32 @@ def swiglu(gate_up, out):
     return reference.swiglu(gate_up, out)
 
 
+def swiglu_linear(gate_up, weight, out, act):
+    """out = swiglu(gate_up) @ weight.T (see reference.swiglu_linear).
+
+    gate_up [T, 2I], weight [N, I], out [T, N]; act [T, I] is caller-owned scratch of gate_up's
+    dtype and device: the CPU path and the CUDA fallback write the SwiGLU intermediate there (its
+    contents afterwards are unspecified: the fused kernel does not touch it). On CUDA the fused
+    kernel serves T <= 8 rows with I % 8 == 0 and 16-byte aligned gate_up / weight (decode); other
+    shapes (prefill chunks) run swiglu + linear through act. Results are identical either way.
+    """
+    if out.is_cuda:
+        inter = weight.shape[-1]
+        rows = gate_up.numel() // gate_up.shape[-1] if gate_up.shape[-1] else 0
+        if (_FUSED_MAX_ROWS >= rows >= 1 and inter % 8 == 0 and gate_up.is_contiguous()
+                and weight.is_contiguous() and gate_up.data_ptr() % 16 == 0
+                and weight.data_ptr() % 16 == 0):
+            return _kernels().swiglu_linear(gate_up, weight, out)
+        _kernels().swiglu(gate_up, act)
+        return _kernels().linear(act, weight, out)
+    reference.swiglu(gate_up, act)
+    reference.linear(act, weight, out)
+
+
+# Rows the fused swiglu_linear kernel serves (the GEMV's limit, launchers.h kGemvMaxRows).
+_FUSED_MAX_ROWS = 8
+
+
 def rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, block_table, q_out):
     if q_out.is_cuda:
         return _kernels().rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, block_table,
@@ -107,6 +133,15 @@ def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
     if not cuda_kernels_available():
         return 1
     return int(_kernels().decode_attention_splits(batch, num_kv_heads, max_len))
+
+
+def pdl_enabled() -> bool:
+    """Whether the CUDA kernels launch with programmatic dependent launch (overlapping each kernel's
+    start with the previous one's tail). Decided once, when the extension loads, by the environment
+    variable CUSTOM_KERNELS_PDL (0 / false / off / no disables it); False without the extension."""
+    if not cuda_kernels_available():
+        return False
+    return bool(_kernels().pdl_enabled())
 
 
 def prefill_attention(q, k_cache, v_cache, block_table, start_pos: int, scale: float, out):

@@ -64,6 +64,19 @@ def swiglu(gate_up: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(torch.nn.functional.silu(gate.float()).to(gate.dtype) * up)
 
 
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out = swiglu(gate_up) @ weight.T: the MLP's activation and down projection in one op.
+
+    gate_up [T, 2I] (gate columns first), weight [N, I], out [T, N]. Exactly swiglu() into a
+    [T, I] intermediate (rounded to the dtype like HF) followed by linear(); the intermediate is a
+    temporary here (the CUDA kernel never materializes it).
+    """
+    act = torch.empty(*gate_up.shape[:-1], weight.shape[1], dtype=gate_up.dtype,
+                      device=gate_up.device)
+    swiglu(gate_up, act)
+    linear(act, weight, out)
+
+
 # ----------------------------------------------------------------------------- RoPE + paged KV
 
 def rope_tables(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:

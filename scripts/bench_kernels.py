@@ -12,11 +12,19 @@ of the inputs to exceed the L2 cache (so weights and KV come from HBM, as in a r
 then the graph is replayed `--reps` times; the reported time per launch is the median replay time
 divided by the launches in the graph.
 
+Programmatic dependent launch (PDL) is on unless CUSTOM_KERNELS_PDL=0 (read when the kernels
+load): with it, consecutive launches in these graphs overlap (a launch's weight prefetch runs under
+the previous launch's tail), as they do in the decode step; the JSON records which mode ran. The
+"step_graph" rows time a CUDA graph of one whole decode step (embedding, every layer's kernels,
+lm_head, sampling; random weights at the model's shapes) and, with --pdl-compare (default), the
+same graph in a child process with CUSTOM_KERNELS_PDL=0, for an A/B of PDL itself.
+
 Writes a table to stdout and JSON to output/bench/kernels_<device>.json (device name, date, git
-commit, copy bandwidth, rows).
+commit, copy bandwidth, PDL mode, rows).
 
     python scripts/bench_kernels.py
     python scripts/bench_kernels.py --models smollm2 --reps 20 --dtype float16
+    python scripts/bench_kernels.py --step-graph-only --no-pdl-compare
 """
 from __future__ import annotations
 
@@ -33,10 +41,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = {
-    # hidden, intermediate, vocab, q heads, kv heads, head_dim
-    "smollm2": dict(name="SmolLM2-135M", H=576, I=1536, V=49152, nq=9, nkv=3, D=64),
-    "llama2-7b": dict(name="Llama-2-7B", H=4096, I=11008, V=32000, nq=32, nkv=32, D=128),
+    # hidden, intermediate, vocab, q heads, kv heads, head_dim, layers
+    "smollm2": dict(name="SmolLM2-135M", H=576, I=1536, V=49152, nq=9, nkv=3, D=64, L=30),
+    "llama2-7b": dict(name="Llama-2-7B", H=4096, I=11008, V=32000, nq=32, nkv=32, D=128, L=32),
 }
+# Layers in the step graph by default: all of SmolLM2; 4 of Llama-2-7B (its 13 GB of weights would
+# not fit next to the rotated copies of the other cases; per-layer time is what matters there).
+STEP_LAYERS = {"smollm2": 30, "llama2-7b": 4}
 ATTN_LENGTHS = (512, 4096)
 
 
@@ -55,6 +66,15 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=os.path.join(ROOT, "output", "bench"),
                    help="where kernels_<device>.json goes")
     p.add_argument("--no-json", action="store_true", help="print the table only")
+    p.add_argument("--step-graph-only", action="store_true",
+                   help="only the whole-decode-step graph rows")
+    p.add_argument("--no-step-graph", action="store_true", help="skip the decode-step graph rows")
+    p.add_argument("--no-pdl-compare", dest="pdl_compare", action="store_false",
+                   help="do not re-time the step graph in a child with CUSTOM_KERNELS_PDL=0")
+    p.add_argument("--step-layers", type=int, default=0,
+                   help="layers in the step graph (default: all for SmolLM2, 4 for Llama-2-7B)")
+    p.add_argument("--step-len", type=int, default=512, help="KV length of the step graph")
+    p.add_argument("--emit-rows", action="store_true", help=argparse.SUPPRESS)  # child mode
     return p.parse_args(argv)
 
 
@@ -136,11 +156,12 @@ class Bench:
         self.copy_gbps = 2 * n / statistics.median(times) / 1e9  # bytes read + written
         return self.copy_gbps
 
-    def record(self, kernel, model, shape, seconds, min_bytes, impl="custom"):
+    def record(self, kernel, model, shape, seconds, min_bytes, impl="custom", pdl=None):
         gbps = min_bytes / seconds / 1e9
         row = dict(kernel=kernel, impl=impl, model=model, shape=shape, dtype=self.args.dtype,
                    us=round(seconds * 1e6, 3), min_bytes=int(min_bytes), gbps=round(gbps, 1),
-                   pct_of_copy=round(100.0 * gbps / self.copy_gbps, 1))
+                   pct_of_copy=round(100.0 * gbps / self.copy_gbps, 1),
+                   pdl=self.ops.pdl_enabled() if pdl is None else pdl)
         self.rows.append(row)
         print(f"{kernel:<22} {impl:<8} {model:<13} {shape:<28} {row['us']:>10.2f} "
               f"{row['gbps']:>9.1f} {row['pct_of_copy']:>7.1f}%", flush=True)
@@ -250,6 +271,25 @@ class Bench:
             self.record(f"linear:{label}", name, f"T=1 N={N} K={K}", t, min_bytes, impl="cublas")
             del wts
 
+        # fused SwiGLU + down projection at T = 1 vs swiglu then linear (two launches)
+        wbytes = H * I * es
+        n = self.copies_for(wbytes)
+        wts = [self.rand(H, I, scale=1.0 / math.sqrt(I)) for _ in range(n)]
+        gu = self.rand(1, 2 * I, scale=3.0)
+        act = torch.empty(1, I, dtype=self.dtype, device=self.dev)
+        out = torch.empty(1, H, dtype=self.dtype, device=self.dev)
+        min_bytes = wbytes + (2 * I + H) * es
+        t = self.time_graph(self.rotate(n, lambda i: ops.swiglu_linear(gu, wts[i], out, act)))
+        self.record("swiglu_linear", name, f"T=1 N={H} I={I}", t, min_bytes, impl="fused")
+
+        def two_step(i):
+            ops.swiglu(gu, act)
+            ops.linear(act, wts[i], out)
+
+        t = self.time_graph(self.rotate(n, two_step))
+        self.record("swiglu_linear", name, f"T=1 N={H} I={I}", t, min_bytes, impl="2-launch")
+        del wts
+
         # sampling, B = 1, logits in the model dtype
         logits = self.rand(1, V, scale=3.0)
         for label, temp, top_k, top_p in [("greedy", 0.0, 0, 1.0), ("top_k50", 0.8, 50, 1.0),
@@ -270,6 +310,109 @@ class Bench:
             self.record(f"sample:{label}", name, f"B=1 V={V}", t, V * es)
 
 
+    # ------------------------------------------------------------------ whole decode step
+
+    def step_graph(self, key):
+        """Seconds per replay of a CUDA graph of one decode step at this model's shapes."""
+        torch, ops = self.torch, self.ops
+        m = MODELS[key]
+        H, I, V, nq, nkv, D = m["H"], m["I"], m["V"], m["nq"], m["nkv"], m["D"]
+        layers = self.args.step_layers or STEP_LAYERS[key]
+        length, bs = self.args.step_len, self.args.block_size
+        max_len = length + 4 * (self.args.reps + 8)   # positions advance one per replay
+        mb = math.ceil(max_len / bs)
+        dev, dt = self.dev, self.dtype
+        qkv_n = (nq + 2 * nkv) * D
+
+        def w(*shape, fan_in=None):
+            return self.rand(*shape, scale=1.0 / math.sqrt(fan_in) if fan_in else 1.0)
+
+        lw = [dict(ln1=w(H), wqkv=w(qkv_n, H, fan_in=H), wo=w(H, nq * D, fan_in=nq * D),
+                   ln2=w(H), w13=w(2 * I, H, fan_in=H), w2=w(H, I, fan_in=I),
+                   k=w(mb, bs, nkv, D), v=w(mb, bs, nkv, D)) for _ in range(layers)]
+        embed, norm, lm_head = w(V, H), w(H), w(V, H, fan_in=H)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        cos, sin = freqs.cos().to(dev), freqs.sin().to(dev)
+        i32 = dict(dtype=torch.int32, device=dev)
+        table = torch.randperm(mb, device=dev).to(torch.int32)[None]
+        position = torch.tensor([length - 1], **i32)
+        token_in = torch.tensor([1], **i32)
+        temperature = torch.zeros(1, dtype=torch.float32, device=dev)
+        top_k = torch.zeros(1, **i32)
+        top_p = torch.ones(1, dtype=torch.float32, device=dev)
+        seed = torch.zeros(1, dtype=torch.int64, device=dev)
+        hist = torch.zeros(1, max_len + 1, **i32)
+        logits = torch.empty(1, V, dtype=dt, device=dev)
+        residual, normed, proj = (torch.empty(1, H, dtype=dt, device=dev) for _ in range(3))
+        qkv = torch.empty(1, qkv_n, dtype=dt, device=dev)
+        q, attn = (torch.empty(1, nq, D, dtype=dt, device=dev) for _ in range(2))
+        gate_up = torch.empty(1, 2 * I, dtype=dt, device=dev)
+        act = torch.empty(1, I, dtype=dt, device=dev)
+        ws = torch.empty(max(1, ops.attention_workspace_numel(1, nq, D, max_len)),
+                         dtype=torch.float32, device=dev)
+        scale = 1.0 / math.sqrt(D)
+
+        def step():
+            ops.embedding(token_in, embed, residual)
+            for n, L in enumerate(lw):
+                if n == 0:
+                    ops.rmsnorm(residual, L["ln1"], 1e-5, normed)
+                else:
+                    ops.add_rmsnorm(proj, residual, L["ln1"], 1e-5, normed)
+                ops.linear(normed, L["wqkv"], qkv)
+                ops.rope_kv_write(qkv, position, cos, sin, L["k"], L["v"], table[0], q)
+                ops.decode_attention(q, L["k"], L["v"], table, position, scale, attn, ws, max_len)
+                ops.linear(attn.view(1, nq * D), L["wo"], proj)
+                ops.add_rmsnorm(proj, residual, L["ln2"], 1e-5, normed)
+                ops.linear(normed, L["w13"], gate_up)
+                ops.swiglu_linear(gate_up, L["w2"], proj, act)
+            ops.add_rmsnorm(proj, residual, norm, 1e-5, normed)
+            ops.linear(normed, lm_head, logits)
+            ops.sample(logits, temperature, top_k, top_p, seed, position, token_in, hist)
+
+        secs = self.time_graph([step])
+        wbytes = sum(t.numel() * t.element_size() for L in lw
+                     for k, t in L.items() if k not in ("k", "v"))
+        wbytes += (lm_head.numel() + norm.numel() + H) * es_of(dt)
+        kv_bytes = 2 * layers * length * nkv * D * es_of(dt)
+        del lw
+        torch.cuda.empty_cache()
+        return secs, layers, wbytes + kv_bytes
+
+    def bench_step_graph(self, key, pdl=None, seconds=None):
+        m = MODELS[key]
+        secs, layers, min_bytes = self.step_graph(key) if seconds is None else seconds
+        shape = f"T=1 layers={layers} len={self.args.step_len}"
+        self.record("step_graph", m["name"], shape, secs, min_bytes,
+                    impl="pdl" if (self.ops.pdl_enabled() if pdl is None else pdl) else "no-pdl",
+                    pdl=pdl)
+        return secs, layers, min_bytes
+
+
+def es_of(dtype) -> int:
+    import torch
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def step_graph_without_pdl(args, key):
+    """Times the step graph in a child process started with CUSTOM_KERNELS_PDL=0."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--step-graph-only", "--no-pdl-compare",
+           "--no-json", "--emit-rows", "--models", key, "--dtype", args.dtype, "--reps",
+           str(args.reps), "--block-size", str(args.block_size), "--step-len", str(args.step_len),
+           "--step-layers", str(args.step_layers), "--copy-gib", str(args.copy_gib)]
+    env = dict(os.environ, CUSTOM_KERNELS_PDL="0")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for line in res.stdout.splitlines():
+        if line.startswith("STEP_GRAPH_ROW "):
+            row = json.loads(line[len("STEP_GRAPH_ROW "):])
+            if row.get("pdl") is False:
+                return row
+            raise RuntimeError("the CUSTOM_KERNELS_PDL=0 child still ran with PDL on")
+    raise RuntimeError("the CUSTOM_KERNELS_PDL=0 child printed no row:\n" + res.stdout[-2000:] +
+                       res.stderr[-2000:])
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -288,11 +431,30 @@ def main(argv=None):
     bench = Bench(torch, ops, args)
     device = torch.cuda.get_device_name()
     copy = bench.copy_bandwidth()
-    print(f"device: {device}   dtype: {args.dtype}   copy bandwidth (read+write): {copy:.1f} GB/s")
+    print(f"device: {device}   dtype: {args.dtype}   copy bandwidth (read+write): {copy:.1f} GB/s"
+          f"   PDL: {'on' if ops.pdl_enabled() else 'off'}")
     print(f"{'kernel':<22} {'impl':<8} {'model':<13} {'shape':<28} {'us':>10} {'GB/s':>9} "
           f"{'%copy':>8}")
     for key in args.models:
-        bench.bench_model(key)
+        if not args.step_graph_only:
+            bench.bench_model(key)
+        if args.no_step_graph:
+            continue
+        bench.bench_step_graph(key)
+        if args.emit_rows:
+            print("STEP_GRAPH_ROW " + json.dumps(bench.rows[-1]), flush=True)
+        if args.pdl_compare and ops.pdl_enabled():
+            try:
+                row = step_graph_without_pdl(args, key)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                print(f"step_graph without PDL: {exc}", file=sys.stderr)
+                continue
+            # Re-expressed against this process's copy bandwidth.
+            bench.record("step_graph", row["model"], row["shape"], row["us"] / 1e6,
+                         row["min_bytes"], impl="no-pdl", pdl=False)
+            on, off = bench.rows[-2]["us"], bench.rows[-1]["us"]
+            print(f"  step graph {MODELS[key]['name']}: PDL on {on:.1f} us, off {off:.1f} us "
+                  f"({100.0 * (off - on) / off:+.1f}% with PDL)", flush=True)
 
     record = dict(
         device=device,
@@ -302,6 +464,7 @@ def main(argv=None):
         cuda=torch.version.cuda,
         dtype=args.dtype,
         copy_bandwidth_gbps=round(copy, 1),
+        pdl=ops.pdl_enabled(),
         method="CUDA graph of rotated launches; median replay / launches; min bytes / time",
         rows=bench.rows,
     )

@@ -8,10 +8,19 @@ of the output dtype.
 
 Run on the GPU machine with `pytest -m cuda tests/test_kernels_cuda.py`. Without a GPU or without
 the compiled extension every test is skipped.
+
+Programmatic dependent launch (PDL, on unless CUSTOM_KERNELS_PDL=0): kernels may read their weights
+before the previous kernel on the stream has finished, so no test writes a weight with the kernel
+launched immediately before the op that reads it (the poisoned output fill always sits between).
+The PDL tests at the end compare graph-replayed and free-running kernel chains with fully
+serialized ones, bitwise.
 """
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,8 +166,12 @@ def test_swiglu(dtype, tokens, inter):
 
 # ----------------------------------------------------------------------------- linear
 
-GEMV_SHAPES = [(576, 576), (1536, 576), (576, 1536), (960, 576), (3072, 576), (1001, 200),
-               (4096, 4096)]
+# Every GEMV configuration: one warp per row group (K <= 1024) with one or two rows per group
+# (3072 and 3073 rows: two, the last group half past N), 2 / 4 / 8 warps per group (K = 1536, 4096,
+# 11008), the deep single batch (K / 8 = 1025..2048 vectors at T <= 2) and several batches
+# (K = 16392 at T <= 2, K = 8200 / 11008 at T > 2), a row of one vector (K = 8).
+GEMV_SHAPES = [(576, 576), (1536, 576), (576, 1536), (960, 576), (3072, 576), (3073, 576),
+               (1001, 200), (4096, 4096), (4096, 11008), (101, 8200), (64, 16392), (37, 8)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -249,6 +262,109 @@ def test_linear_graph_replay_matches_eager(dtype):
         ref = torch.empty(33, n, dtype=dtype)
         reference.linear(x33.cpu(), w.cpu(), ref)
         torch.testing.assert_close(o33.cpu(), ref, **TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- swiglu_linear
+
+# (N, I): two rows per group (576 x 1536, 1001 x 200 with a half-empty last group), eight (four at
+# T > 4) rows per group with a partial last group (1061 x 4104), Llama-2 down (4096 x 11008), a row
+# of five vectors (33 x 40).
+SWIGLU_LINEAR_SHAPES = [(576, 1536), (1001, 200), (1061, 4104), (4096, 11008), (33, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,inter", SWIGLU_LINEAR_SHAPES)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8])
+def test_swiglu_linear_fused(gemm_workspace, dtype, n, inter, tokens):
+    gate_up = randn(tokens, 2 * inter, dtype=dtype, seed=90, scale=3.0)
+    w = randn(n, inter, dtype=dtype, seed=91, scale=1.0 / math.sqrt(inter))
+    out = poisoned(tokens, n, dtype=dtype)
+    act = poisoned(tokens, inter, dtype=dtype)
+    ops.swiglu_linear(gate_up, w, out, act)
+    # The fused kernel served it: the scratch was never written.
+    assert torch.isnan(act).all().item()
+    ref = torch.empty(tokens, n, dtype=dtype)
+    reference.swiglu_linear(gate_up.cpu(), w.cpu(), ref)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+    # Same roundings and the same accumulation order as swiglu + linear on the GPU: bitwise equal.
+    two_step = poisoned(tokens, n, dtype=dtype)
+    ops.swiglu(gate_up, act)
+    ops.linear(act, w, two_step)
+    assert torch.equal(out, two_step), "fused swiglu_linear differs from swiglu + linear"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tokens,n,inter", [(9, 576, 1536), (33, 100, 64), (2, 50, 13),
+                                            (1, 70, 1001)])
+def test_swiglu_linear_fallback(gemm_workspace, dtype, tokens, n, inter):
+    # More rows than the GEMV serves, or I % 8 != 0: swiglu into act, then linear (GEMV / cuBLAS).
+    gate_up = randn(tokens, 2 * inter, dtype=dtype, seed=92, scale=3.0)
+    w = randn(n, inter, dtype=dtype, seed=93, scale=1.0 / math.sqrt(inter))
+    out = poisoned(tokens, n, dtype=dtype)
+    act = poisoned(tokens, inter, dtype=dtype)
+    ops.swiglu_linear(gate_up, w, out, act)
+    ref = torch.empty(tokens, n, dtype=dtype)
+    reference.swiglu_linear(gate_up.cpu(), w.cpu(), ref)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+    ref_act = torch.empty(tokens, inter, dtype=dtype)
+    reference.swiglu(gate_up.cpu(), ref_act)
+    torch.testing.assert_close(act.cpu(), ref_act, **TOL[dtype])
+
+
+def test_swiglu_linear_op_refuses_what_it_cannot_serve():
+    k = torch.ops.custom_kernels
+    w = randn(16, 24, dtype=torch.bfloat16, seed=94)
+    with pytest.raises(RuntimeError, match="T <= 8"):
+        k.swiglu_linear(randn(9, 48, dtype=torch.bfloat16, seed=95), w,
+                        poisoned(9, 16, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="2I"):
+        k.swiglu_linear(randn(1, 40, dtype=torch.bfloat16, seed=96), w,
+                        poisoned(1, 16, dtype=torch.bfloat16))
+    gu = randn(2, 48, dtype=torch.bfloat16, seed=97)
+    with pytest.raises(RuntimeError, match="overlap"):
+        k.swiglu_linear(gu, w, gu.view(-1)[:32].view(2, 16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_swiglu_linear_graph_replay_matches_eager(dtype):
+    """The fused op captured in a CUDA graph (after a GEMV that feeds it, as in the MLP) replays
+    equal to eager runs with new inputs."""
+    h, inter, n = 576, 1536, 576
+    stream = torch.cuda.Stream()
+    w13 = randn(2 * inter, h, dtype=dtype, seed=98, scale=1.0 / math.sqrt(h))
+    w2 = randn(n, inter, dtype=dtype, seed=99, scale=1.0 / math.sqrt(inter))
+    x = randn(1, h, dtype=dtype, seed=100)
+    gate_up = poisoned(1, 2 * inter, dtype=dtype)
+    act = poisoned(1, inter, dtype=dtype)
+    out = poisoned(1, n, dtype=dtype)
+    torch.cuda.synchronize()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.linear(x, w13, gate_up)
+        ops.swiglu_linear(gate_up, w2, out, act)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        ops.linear(x, w13, gate_up)
+        ops.swiglu_linear(gate_up, w2, out, act)
+    for seed in (101, 102, 103):
+        x.copy_(randn(1, h, dtype=dtype, seed=seed))
+        out.fill_(float("nan"))
+        gate_up.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        e_gu = poisoned(1, 2 * inter, dtype=dtype)
+        e_out = poisoned(1, n, dtype=dtype)
+        ops.linear(x, w13, e_gu)
+        torch.cuda.synchronize()
+        ops.swiglu_linear(e_gu, w2, e_out, act)
+        torch.cuda.synchronize()
+        assert torch.equal(gate_up, e_gu)
+        assert torch.equal(out, e_out)
+        ref = torch.empty(1, n, dtype=dtype)
+        reference.swiglu_linear(e_gu.cpu(), w2.cpu(), ref)
+        torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
 
 
 # ----------------------------------------------------------------------------- paged KV helpers
@@ -579,3 +695,180 @@ def test_sample_many_draws_one_row_stay_in_support():
     agree = sum(int(reference.sample_row(base[0].cpu(), 0.9, 64, 0.9, s, p) == t)
                 for s, p, t in zip(seeds, start, tokens))
     assert agree >= 0.97 * rows
+
+
+# ----------------------------------------------------------------------------- PDL
+
+_PDL_OFF = ("0", "false", "off", "no")
+
+
+def test_pdl_flag_follows_the_environment():
+    expect = os.environ.get("CUSTOM_KERNELS_PDL", "1").strip().lower() not in _PDL_OFF
+    assert ops.pdl_enabled() is expect
+
+
+def test_pdl_can_be_switched_off_at_load():
+    """CUSTOM_KERNELS_PDL=0 in a fresh process: the flag is off and the kernels still run right."""
+    code = (
+        "import torch\n"
+        "from custom_kernels import ops, reference\n"
+        "assert ops.pdl_enabled() is False, 'CUSTOM_KERNELS_PDL=0 did not disable PDL'\n"
+        "x = torch.randn(1, 576, device='cuda').bfloat16()\n"
+        "w = torch.randn(960, 576, device='cuda').bfloat16() * 0.05\n"
+        "out = torch.full((1, 960), float('nan'), device='cuda', dtype=torch.bfloat16)\n"
+        "ops.linear(x, w, out)\n"
+        "ref = torch.empty(1, 960, dtype=torch.bfloat16)\n"
+        "reference.linear(x.cpu(), w.cpu(), ref)\n"
+        "torch.testing.assert_close(out.cpu(), ref, atol=2e-2, rtol=2e-2)\n"
+        "print('ok')\n")
+    env = dict(os.environ, CUSTOM_KERNELS_PDL="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+class _TinyDecoder:
+    """A random decoder at SmolLM2-135M's per-layer shapes (fewer layers, smaller vocab) driving the
+    decode-step kernel sequence of graphserver/model.py through custom_kernels.ops."""
+
+    H, I, NQ, NKV, D, V, LAYERS, BS, MAX_LEN = 576, 1536, 9, 3, 64, 5000, 3, 16, 256
+
+    def __init__(self, dtype, seed=200):
+        self.dtype = dtype
+        h, i, nq, nkv, d = self.H, self.I, self.NQ, self.NKV, self.D
+        qkv = (nq + 2 * nkv) * d
+        s = seed
+        self.embed = randn(self.V, h, dtype=dtype, seed=s)
+        self.layers = []
+        for layer in range(self.LAYERS):
+            b = s + 10 * (layer + 1)
+            self.layers.append(dict(
+                ln1=randn(h, dtype=dtype, seed=b + 1, scale=0.2) + 1.0,
+                wqkv=randn(qkv, h, dtype=dtype, seed=b + 2, scale=1.0 / math.sqrt(h)),
+                wo=randn(h, nq * d, dtype=dtype, seed=b + 3, scale=1.0 / math.sqrt(nq * d)),
+                ln2=randn(h, dtype=dtype, seed=b + 4, scale=0.2) + 1.0,
+                w13=randn(2 * i, h, dtype=dtype, seed=b + 5, scale=1.0 / math.sqrt(h)),
+                w2=randn(h, i, dtype=dtype, seed=b + 6, scale=1.0 / math.sqrt(i))))
+        self.norm = randn(h, dtype=dtype, seed=s + 7, scale=0.2) + 1.0
+        self.lm_head = randn(self.V, h, dtype=dtype, seed=s + 8, scale=1.0 / math.sqrt(h))
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        cos, sin = reference.rope_tables(inv_freq, self.MAX_LEN)
+        self.cos, self.sin = cos.to(DEV), sin.to(DEV)
+        self.mb = self.MAX_LEN // self.BS
+        self.nb = self.mb + 3
+        self.kv0 = [make_cache(self.nb, self.BS, nkv, d, dtype, seed=s + 50 + layer)
+                    for layer in range(self.LAYERS)]
+        self.table0 = make_block_tables(1, self.mb, self.nb, seed=s + 9).to(DEV)
+        self.ws = torch.empty(ops.attention_workspace_numel(1, nq, d, self.MAX_LEN),
+                              dtype=torch.float32, device=DEV)
+        torch.cuda.synchronize()
+
+    def fresh_state(self, position, token):
+        """Independent copies of every buffer the step writes, at a given start."""
+        h, i, nq, d = self.H, self.I, self.NQ, self.D
+        i32 = dict(dtype=torch.int32, device=DEV)
+        st = dict(
+            kv=[(k.clone(), v.clone()) for k, v in self.kv0],
+            table=self.table0.clone(),
+            token_in=torch.tensor([token], **i32), position=torch.tensor([position], **i32),
+            temperature=torch.tensor([0.8], dtype=torch.float32, device=DEV),
+            top_k=torch.tensor([50], **i32), top_p=torch.tensor([0.9], dtype=torch.float32, device=DEV),
+            seed=torch.tensor([1234], dtype=torch.int64, device=DEV),
+            token_hist=poisoned(1, self.MAX_LEN + 1, dtype=torch.int32),
+            logits=poisoned(1, self.V, dtype=self.dtype),
+            residual=poisoned(1, h, dtype=self.dtype), normed=poisoned(1, h, dtype=self.dtype),
+            qkv=poisoned(1, (nq + 2 * self.NKV) * d, dtype=self.dtype),
+            q=poisoned(1, nq, d, dtype=self.dtype), attn=poisoned(1, nq, d, dtype=self.dtype),
+            proj=poisoned(1, h, dtype=self.dtype), gate_up=poisoned(1, 2 * i, dtype=self.dtype),
+            act=poisoned(1, i, dtype=self.dtype))
+        torch.cuda.synchronize()
+        return st
+
+    def step(self, st, sync_each=False):
+        """One decode step (embedding .. sample), the op order of ModelRunner.decode_step."""
+        def op(fn, *args):
+            fn(*args)
+            if sync_each:
+                torch.cuda.synchronize()
+
+        eps, scale = 1e-5, 1.0 / math.sqrt(self.D)
+        op(ops.embedding, st["token_in"], self.embed, st["residual"])
+        for n, lw in enumerate(self.layers):
+            if n == 0:
+                op(ops.rmsnorm, st["residual"], lw["ln1"], eps, st["normed"])
+            else:
+                op(ops.add_rmsnorm, st["proj"], st["residual"], lw["ln1"], eps, st["normed"])
+            op(ops.linear, st["normed"], lw["wqkv"], st["qkv"])
+            k, v = st["kv"][n]
+            op(ops.rope_kv_write, st["qkv"], st["position"], self.cos, self.sin, k, v,
+               st["table"][0], st["q"])
+            op(ops.decode_attention, st["q"], k, v, st["table"], st["position"], scale, st["attn"],
+               self.ws, self.MAX_LEN)
+            op(ops.linear, st["attn"].view(1, -1), lw["wo"], st["proj"])
+            op(ops.add_rmsnorm, st["proj"], st["residual"], lw["ln2"], eps, st["normed"])
+            op(ops.linear, st["normed"], lw["w13"], st["gate_up"])
+            op(ops.swiglu_linear, st["gate_up"], lw["w2"], st["proj"], st["act"])
+        op(ops.add_rmsnorm, st["proj"], st["residual"], self.norm, eps, st["normed"])
+        op(ops.linear, st["normed"], self.lm_head, st["logits"])
+        op(ops.sample, st["logits"], st["temperature"], st["top_k"], st["top_p"], st["seed"],
+           st["position"], st["token_in"], st["token_hist"])
+
+
+def _assert_states_equal(a, b, what):
+    for key in ("token_in", "position", "token_hist", "logits", "residual", "normed", "proj",
+                "table"):
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+    for n, ((ka, va), (kb, vb)) in enumerate(zip(a["kv"], b["kv"])):
+        assert torch.equal(ka, kb) and torch.equal(va, vb), f"{what}: KV cache of layer {n} differs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pdl_decode_chain_graph_and_stream_match_serialized(dtype):
+    """The whole decode-step kernel chain, 4 consecutive steps, three ways: every op followed by a
+    device synchronize (no two kernels ever overlap), free-running on a stream (PDL overlaps
+    neighbours when enabled), and captured once into a CUDA graph then replayed (programmatic
+    edges). The kernels are deterministic, so any missing wait shows up as a bitwise difference."""
+    model = _TinyDecoder(dtype)
+    start_pos, token, steps = 100, 17, 4
+
+    serial = model.fresh_state(start_pos, token)
+    for _ in range(steps):
+        model.step(serial, sync_each=True)
+    # The sampled tokens are real tokens and the positions advanced.
+    assert int(serial["position"]) == start_pos + steps
+    assert 0 <= int(serial["token_in"]) < model.V
+
+    stream = torch.cuda.Stream()
+    free = model.fresh_state(start_pos, token)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(steps):
+            model.step(free)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    _assert_states_equal(free, serial, "free-running stream")
+
+    graphed = model.fresh_state(start_pos, token)
+    warm = model.fresh_state(start_pos, token)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        model.step(warm)   # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        model.step(graphed)
+    # Capture ran nothing: restore the start state the capture may not have touched, then replay.
+    restart = model.fresh_state(start_pos, token)
+    for key in ("token_in", "position", "token_hist", "logits", "residual", "normed", "proj"):
+        graphed[key].copy_(restart[key])
+    for (k, v), (k0, v0) in zip(graphed["kv"], restart["kv"]):
+        k.copy_(k0)
+        v.copy_(v0)
+    torch.cuda.synchronize()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    _assert_states_equal(graphed, serial, "graph replay")

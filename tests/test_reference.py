@@ -166,6 +166,40 @@ def test_swiglu_bf16_rounding_order_is_silu_then_product():
     assert not torch.equal(out, fused)      # the inputs are rich enough to tell the orders apart
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,I,N", [(1, 24, 9), (3, 7, 5), (8, 40, 33)])
+def test_swiglu_linear_is_swiglu_then_linear(dtype, T, I, N):
+    # Independent oracle: HF's MLP tail, act_fn(gate) * up (silu rounded to the dtype first) into a
+    # dtype intermediate, then the down projection in fp64 and rounded once.
+    gate = randn(T, I, dtype=dtype, seed=15, scale=3.0)
+    up = randn(T, I, dtype=dtype, seed=16, scale=2.0)
+    w = randn(N, I, dtype=dtype, seed=17, scale=1.0 / math.sqrt(I))
+    out = poison_like(torch.empty(T, N, dtype=dtype))
+    ref.swiglu_linear(torch.cat([gate, up], -1), w, out)
+    act = F.silu(gate.float()).to(dtype) * up                          # [T, I] in the dtype
+    expected = (act.double()[:, None, :] * w.double()[None, :, :]).sum(-1)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2e-2)
+    torch.testing.assert_close(out.double(), expected, **tol)
+
+
+def test_ops_swiglu_linear_cpu_matches_reference_bitwise():
+    # ops.swiglu_linear on the CPU goes through the caller's scratch; the result must equal the
+    # reference composition (and the old swiglu-then-linear model path) exactly.
+    from custom_kernels import ops
+    T, I, N = 3, 48, 17
+    gate_up = randn(T, 2 * I, dtype=torch.bfloat16, seed=18, scale=3.0)
+    w = randn(N, I, dtype=torch.bfloat16, seed=19, scale=0.2)
+    out = poison_like(torch.empty(T, N, dtype=torch.bfloat16))
+    act = poison_like(torch.empty(T, I, dtype=torch.bfloat16))
+    ops.swiglu_linear(gate_up, w, out, act)
+    expected = torch.empty(T, N, dtype=torch.bfloat16)
+    ref.swiglu_linear(gate_up, w, expected)
+    assert torch.equal(out, expected)
+    two_step_act = torch.empty(T, I, dtype=torch.bfloat16)
+    ref.swiglu(gate_up, two_step_act)
+    assert torch.equal(act, two_step_act)
+
+
 # ============================================================================ RoPE + paged KV write
 
 def _hf_rope(head_dim: int, theta: float, max_pos: int):

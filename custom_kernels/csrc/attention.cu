@@ -12,6 +12,10 @@
 //
 // Softmax runs in base 2: q is pre-scaled by scale * log2(e) and exp2f is used, which is the same
 // softmax up to fp32 rounding.
+//
+// PDL (common.cuh): every input here (q, the KV cache that rope_kv_write has just written, block
+// tables, positions, the split partials) is written by earlier kernels of the step, so each kernel
+// waits first and reads all of them with coherent loads (no __restrict__ const, no __ldg).
 #include <cmath>
 
 #include "common.cuh"
@@ -46,17 +50,17 @@ int log2_exact(int v) {  // log2 of a power of two, -1 otherwise
 // online-softmax state over the tokens it visits; the warps are merged at the end of the block.
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads)
-decode_split_kernel(const T* __restrict__ q,                 // [B, nq, D]
-                    const T* __restrict__ k_cache,           // [NB, BS, nkv, D]
-                    const T* __restrict__ v_cache,           // [NB, BS, nkv, D]
-                    const int32_t* __restrict__ block_tables,  // [B, MB]
-                    const int32_t* __restrict__ positions,     // [B]
+decode_split_kernel(const T* q,                 // [B, nq, D]
+                    const T* k_cache,           // [NB, BS, nkv, D]
+                    const T* v_cache,           // [NB, BS, nkv, D]
+                    const int32_t* block_tables,  // [B, MB]
+                    const int32_t* positions,     // [B]
                     float qscale,  // scale * log2(e)
                     int nq, int nkv, int MB, int bs_shift, int chunk, int splits,
-                    T* __restrict__ out,         // [B, nq, D]            (splits == 1)
-                    float* __restrict__ ws_acc,  // [B, nq, splits, D]    (splits > 1)
-                    float* __restrict__ ws_m,    // [B, nq, splits]
-                    float* __restrict__ ws_l) {  // [B, nq, splits]
+                    T* out,         // [B, nq, D]            (splits == 1)
+                    float* ws_acc,  // [B, nq, splits, D]    (splits > 1)
+                    float* ws_m,    // [B, nq, splits]
+                    float* ws_l) {  // [B, nq, splits]
   constexpr int TG = D / 8;
   constexpr int TPS = 32 / TG;
   constexpr int U = G <= 4 ? 4 : 2;  // fewer steps in flight for big groups: register budget
@@ -67,6 +71,7 @@ decode_split_kernel(const T* __restrict__ q,                 // [B, nq, D]
   __shared__ float s_l[kDecodeWarps][G];
   __shared__ float s_acc[kDecodeWarps][G][D];
 
+  pdl_begin();
   const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int sub = lane / TG;   // which token of a step
@@ -88,7 +93,7 @@ decode_split_kernel(const T* __restrict__ q,                 // [B, nq, D]
   float qf[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    load8<T>(q + (static_cast<int64_t>(b) * nq + kvh * G + g) * D + part * 8, qf[g]);
+    load8c<T>(q + (static_cast<int64_t>(b) * nq + kvh * G + g) * D + part * 8, qf[g]);
 #pragma unroll
     for (int j = 0; j < 8; ++j) qf[g][j] *= qscale;
   }
@@ -116,8 +121,8 @@ decode_split_kernel(const T* __restrict__ q,                 // [B, nq, D]
         const int64_t blk = bt[t >> bs_shift];
         const int64_t off =
             (((blk << bs_shift) + (t & bs_mask)) * nkv + kvh) * static_cast<int64_t>(D) + part * 8;
-        kr[u] = ldg16(k_cache + off);
-        vr[u] = ldg16(v_cache + off);
+        kr[u] = ld16(k_cache + off);
+        vr[u] = ld16(v_cache + off);
       }
     }
 
@@ -231,13 +236,14 @@ decode_split_kernel(const T* __restrict__ q,                 // [B, nq, D]
 
 // grid (nq, B), block D threads: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m).
 template <typename T>
-__global__ void decode_combine_kernel(const float* __restrict__ ws_acc,  // [B, nq, splits, D]
-                                      const float* __restrict__ ws_m,    // [B, nq, splits]
-                                      const float* __restrict__ ws_l,    // [B, nq, splits]
+__global__ void decode_combine_kernel(const float* ws_acc,  // [B, nq, splits, D]
+                                      const float* ws_m,    // [B, nq, splits]
+                                      const float* ws_l,    // [B, nq, splits]
                                       int splits, int nq, int D,
-                                      T* __restrict__ out) {  // [B, nq, D]
+                                      T* out) {  // [B, nq, D]
   __shared__ float s_w[kMaxSplits];
   __shared__ float red[32];
+  pdl_begin();
   const int64_t r0 = (static_cast<int64_t>(blockIdx.y) * nq + blockIdx.x) * splits;
 
   float M = -INFINITY;
@@ -278,10 +284,10 @@ cudaError_t launch_decode_d(const void* q, const void* kc, const void* vc, const
   float* ws_l = ws ? ws_m + rows : nullptr;
 #define CK_DECODE_CASE(GG)                                                                       \
   case GG:                                                                                       \
-    decode_split_kernel<T, D, GG><<<grid, kDecodeThreads, 0, stream>>>(                         \
-        static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc), bt,      \
-        positions, qscale, nq, nkv, MB, bs_shift, chunk, splits, static_cast<T*>(out), ws_acc,   \
-        ws_m, ws_l);                                                                             \
+    CK_LAUNCH(decode_split_kernel<T, D, GG>, grid, dim3(kDecodeThreads), 0, stream,             \
+              static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc), bt, \
+              positions, qscale, nq, nkv, MB, bs_shift, chunk, splits, static_cast<T*>(out),     \
+              ws_acc, ws_m, ws_l);                                                               \
     break;
   switch (G) {
     CK_DECODE_CASE(1)
@@ -296,10 +302,10 @@ cudaError_t launch_decode_d(const void* q, const void* kc, const void* vc, const
       return cudaErrorInvalidValue;
   }
 #undef CK_DECODE_CASE
-  CK_CUDA_TRY(cudaGetLastError());
   if (splits > 1) {
-    decode_combine_kernel<T><<<dim3(nq, B), D, 0, stream>>>(ws_acc, ws_m, ws_l, splits, nq, D,
-                                                             static_cast<T*>(out));
+    CK_LAUNCH(decode_combine_kernel<T>, dim3(nq, B), dim3(D), 0, stream,
+              static_cast<const float*>(ws_acc), static_cast<const float*>(ws_m),
+              static_cast<const float*>(ws_l), splits, nq, D, static_cast<T*>(out));
   }
   CK_RETURN_LAUNCH_STATUS();
 }
@@ -324,12 +330,12 @@ constexpr size_t prefill_smem_bytes() {
 // The 16 threads of a row are one half-warp, so row max / sum are xor shuffles within it.
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillThreads)
-prefill_attention_kernel(const T* __restrict__ q,              // [T, nq, D]
-                         const T* __restrict__ k_cache,        // [NB, BS, nkv, D]
-                         const T* __restrict__ v_cache,        // [NB, BS, nkv, D]
-                         const int32_t* __restrict__ block_table,  // [MB]
+prefill_attention_kernel(const T* q,              // [T, nq, D]
+                         const T* k_cache,        // [NB, BS, nkv, D]
+                         const T* v_cache,        // [NB, BS, nkv, D]
+                         const int32_t* block_table,  // [MB]
                          int start_pos, float qscale, int T_, int nq, int nkv, int bs_shift,
-                         T* __restrict__ out) {                // [T, nq, D]
+                         T* out) {                // [T, nq, D]
   constexpr int LD = D + 4;
   constexpr int LDP = kPrefillBK + 4;
   constexpr int VPR = D / 8;    // 16-byte vectors per row
@@ -339,6 +345,7 @@ prefill_attention_kernel(const T* __restrict__ q,              // [T, nq, D]
   float* sK = sQ + kPrefillBQ * LD;
   float* sV = sK + kPrefillBK * LD;
   float* sP = sV + kPrefillBK * LD;
+  pdl_begin();
 
   const int qt = gridDim.x - 1 - blockIdx.x;  // longest (last) query tiles first
   const int h = blockIdx.y;
@@ -352,7 +359,7 @@ prefill_attention_kernel(const T* __restrict__ q,              // [T, nq, D]
     const int r = v / VPR, c = (v % VPR) * 8;
     float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (q0 + r < T_) {
-      load8<T>(q + (static_cast<int64_t>(q0 + r) * nq + h) * D + c, f);
+      load8c<T>(q + (static_cast<int64_t>(q0 + r) * nq + h) * D + c, f);
 #pragma unroll
       for (int j = 0; j < 8; ++j) f[j] *= qscale;
     }
@@ -385,8 +392,8 @@ prefill_attention_kernel(const T* __restrict__ q,              // [T, nq, D]
         const int64_t blk = block_table[j >> bs_shift];
         const int64_t off =
             (((blk << bs_shift) + (j & bs_mask)) * nkv + kvh) * static_cast<int64_t>(D) + c;
-        load8<T>(k_cache + off, kf);
-        load8<T>(v_cache + off, vf);
+        load8c<T>(k_cache + off, kf);
+        load8c<T>(v_cache + off, vf);
       }
       float4* dk = reinterpret_cast<float4*>(sK + r * LD + c);
       float4* dv = reinterpret_cast<float4*>(sV + r * LD + c);
@@ -510,9 +517,9 @@ cudaError_t launch_prefill_d(const void* q, const void* kc, const void* vc, cons
   CK_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(smem)));
   const dim3 grid(ceil_div(T_, kPrefillBQ), nq);
-  kernel<<<grid, kPrefillThreads, smem, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc), bt,
-      start_pos, qscale, T_, nq, nkv, bs_shift, static_cast<T*>(out));
+  CK_LAUNCH(kernel, grid, dim3(kPrefillThreads), smem, stream, static_cast<const T*>(q),
+            static_cast<const T*>(kc), static_cast<const T*>(vc), bt, start_pos, qscale, T_, nq,
+            nkv, bs_shift, static_cast<T*>(out));
   CK_RETURN_LAUNCH_STATUS();
 }
 

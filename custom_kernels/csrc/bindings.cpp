@@ -315,6 +315,53 @@ void swiglu(const Tensor& gate_up, Tensor& out) {
                op);
 }
 
+// Fused SwiGLU + down projection for decode sizes (the GEMV's T <= 8): out = swiglu(gate_up) @ w^T,
+// bitwise equal to swiglu() then linear() on the GEMV path. ops.swiglu_linear routes every other
+// case (more rows, I % 8 != 0, unaligned views) to swiglu + linear itself, so this op refuses them.
+void swiglu_linear(const Tensor& gate_up, const Tensor& weight, Tensor& out) {
+  const char* op = "swiglu_linear";
+  const c10::Device device = out.device();
+  check_cuda(out, op, "out", device);
+  check_cuda(gate_up, op, "gate_up", device);
+  check_cuda(weight, op, "weight", device);
+  TORCH_CHECK(gate_up.dim() >= 1, op, ": gate_up must be [T, 2I]");
+  check_dim(weight, op, "weight", 2, "[N, I]");
+  const ck::DType dt = half_dtype(gate_up, op, "gate_up");
+  check_dtype(weight, op, "weight", gate_up.scalar_type());
+  check_dtype(out, op, "out", gate_up.scalar_type());
+  const int64_t N = weight.size(0), I = weight.size(1);
+  TORCH_CHECK(I > 0, op, ": I (weight.shape[1]) must be > 0");
+  TORCH_CHECK(gate_up.size(-1) == 2 * I, op, ": gate_up must be [T, 2I] with I = weight.shape[1] = ",
+              I, ", got gate_up ", gate_up.sizes(), " and weight ", weight.sizes());
+  std::vector<int64_t> want = leading(gate_up);
+  want.push_back(N);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(want), op, ": out must be gate_up.shape[:-1] + [N] = ",
+              at::IntArrayRef(want), ", got ", out.sizes());
+  const int T = to_int(gate_up.numel() / (2 * I), op, "rows of gate_up");
+  const int Ni = to_int(N, op, "N"), Ii = to_int(I, op, "I");
+  if (T == 0 || Ni == 0) return;
+  {
+    // Blocks write out while others still read gate_up: the two must not overlap.
+    const auto* g0 = static_cast<const char*>(gate_up.data_ptr());
+    const auto* g1 = g0 + gate_up.numel() * gate_up.element_size();
+    const auto* o0 = static_cast<const char*>(out.data_ptr());
+    const auto* o1 = o0 + out.numel() * out.element_size();
+    TORCH_CHECK(o1 <= g0 || g1 <= o0, op, ": out must not overlap gate_up");
+  }
+  TORCH_CHECK(ck::swiglu_linear_supported(gate_up.data_ptr(), weight.data_ptr(), T, Ii), op,
+              ": the fused kernel serves T <= ", ck::kGemvMaxRows,
+              " rows, I % 8 == 0 and 16-byte aligned gate_up and weight; got T = ", T, ", I = ", I,
+              ". Use custom_kernels.ops.swiglu_linear, which falls back to swiglu + linear.");
+  c10::cuda::CUDAGuard guard(device);
+  check_launch(ck::launch_swiglu_linear(gate_up.data_ptr(), weight.data_ptr(), out.data_ptr(), T,
+                                        Ni, Ii, dt, current_stream(device)),
+               op);
+}
+
+// Whether the kernels launch with programmatic dependent launch (CUSTOM_KERNELS_PDL, read once
+// when the library loaded).
+bool pdl_enabled() { return ck::pdl_enabled(); }
+
 // Common checks of a paged cache pair; returns (NB, BS, nkv, D).
 std::vector<int64_t> check_caches(const Tensor& k_cache, const Tensor& v_cache, const Tensor& ref,
                                   const char* op, const c10::Device& device) {
@@ -553,6 +600,7 @@ TORCH_LIBRARY(custom_kernels, m) {
         "-> ()");
   m.def("linear(Tensor x, Tensor weight, Tensor(a!) out) -> ()");
   m.def("swiglu(Tensor gate_up, Tensor(a!) out) -> ()");
+  m.def("swiglu_linear(Tensor gate_up, Tensor weight, Tensor(a!) out) -> ()");
   m.def("rope_kv_write(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor block_table, Tensor(c!) q_out) -> ()");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -567,6 +615,7 @@ TORCH_LIBRARY(custom_kernels, m) {
         &attention_workspace_numel);
   m.def("decode_attention_splits(int batch, int num_kv_heads, int max_len) -> int",
         &decode_attention_splits);
+  m.def("pdl_enabled() -> bool", &pdl_enabled);
 }
 
 TORCH_LIBRARY_IMPL(custom_kernels, CUDA, m) {
@@ -575,6 +624,7 @@ TORCH_LIBRARY_IMPL(custom_kernels, CUDA, m) {
   m.impl("add_rmsnorm", &add_rmsnorm);
   m.impl("linear", &linear);
   m.impl("swiglu", &swiglu);
+  m.impl("swiglu_linear", &swiglu_linear);
   m.impl("rope_kv_write", &rope_kv_write);
   m.impl("decode_attention", &decode_attention);
   m.impl("prefill_attention", &prefill_attention);

@@ -2,6 +2,7 @@
 // warp and block reductions, dtype dispatch. No torch here: the .cu files compile with bare nvcc.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -81,17 +82,29 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
   return v;
 }
 
-// Read-only (non-coherent) path: for inputs no kernel of the same launch writes.
+// Read-only (non-coherent) path. Only for data that is read-only for the whole lifetime of the
+// kernel, which under programmatic dependent launch (below) includes the tail of the previous
+// kernel: weights, norm weights, RoPE tables. Never for activations, caches or anything another
+// kernel of the step writes.
 __device__ __forceinline__ uint4 ldg16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
-// Coherent load: for buffers that are also written by this kernel (the residual stream).
+// Coherent (plain) load: for everything a previous kernel may have written (activations, KV cache,
+// positions) and for buffers this kernel writes too (the residual stream). Pointers read this way
+// are deliberately not `const T* __restrict__` in the kernel signatures, so that nvcc cannot turn
+// the loads into non-coherent ones.
 __device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ void st16(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
 
+// 8 elements through the read-only path (weights and other launch-constant data).
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
   unpack8<T>(ldg16(p), f);
+}
+// 8 elements through the coherent path (activations written by a previous kernel).
+template <typename T>
+__device__ __forceinline__ void load8c(const T* p, float (&f)[8]) {
+  unpack8<T>(ld16(p), f);
 }
 template <typename T>
 __device__ __forceinline__ void store8(T* p, const float (&f)[8]) {
@@ -100,6 +113,79 @@ __device__ __forceinline__ void store8(T* p, const float (&f)[8]) {
 
 __host__ __device__ inline bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// silu in fp32 written the way torch's CPU kernel forms it: x / (1 + exp(-x)). IEEE division (no
+// fast-math) keeps the rounding of the fp32 value close enough that dtype rounding agrees. Shared
+// by swiglu.cu and the fused swiglu + down projection in gemv.cu, so both round identically.
+__device__ __forceinline__ float silu_f32(float g) { return __fdiv_rn(g, 1.f + expf(-g)); }
+
+// One SwiGLU element as reference.swiglu rounds it: round(round(silu(g)) * u), returned as fp32
+// (exactly representable in T). The product of two T values is exact in fp32, so the only
+// roundings are the two to T.
+template <typename T>
+__device__ __forceinline__ float swiglu_rounded(float g, float u) {
+  return round_to<T>(round_to<T>(silu_f32(g)) * u);
+}
+
+// ----------------------------------------------------------------------------- PDL
+
+// Programmatic dependent launch (Hopper+). Every kernel is launched with launch_kernel() below,
+// which (unless CUSTOM_KERNELS_PDL=0) lets it start while the previous kernel of the stream is
+// still running. Rules every kernel in this library follows:
+//   * pdl_wait() (griddepcontrol.wait) runs in EVERY thread before that thread's first read of
+//     memory another kernel may write (activations, caches, positions, workspaces) and before its
+//     first global write (the previous kernel may still read what we are about to overwrite).
+//     It returns once the previous kernel has completed and its writes are visible. Because every
+//     kernel waits before it completes, completion is transitive down the stream.
+//   * Only launch-constant data (weights, norm weights, RoPE tables) may be read before pdl_wait().
+//     Contract for callers: such data must not be written by the kernel launched immediately
+//     before on the same stream (it may still be running, or not yet flushed). Weights are written
+//     once at load time, so in the model this always holds.
+//   * pdl_trigger() (griddepcontrol.launch_dependents) runs right after pdl_wait(). It only lets
+//     the NEXT kernel be scheduled early (so its blocks can get resident and prefetch weights while
+//     this one streams); it carries no memory visibility, which is why the next kernel waits.
+//     Triggering after our own wait bounds the overlap to two kernels in flight.
+// Both instructions are no-ops when the kernel was launched without the PDL attribute (or its
+// predecessor was not a kernel, or was a non-PDL kernel such as cuBLAS), so the kernels stay
+// correct in every launch mode, eager or captured.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// The usual prologue: wait for the previous kernel, then let the next one be scheduled.
+__device__ __forceinline__ void pdl_begin() {
+  pdl_wait();
+  pdl_trigger();
+}
+
+// The one launch path of every kernel: cudaLaunchKernelEx with the programmatic-stream-
+// serialization attribute when pdl_enabled() (launchers.h; CUSTOM_KERNELS_PDL, read once at library
+// load). Legal inside CUDA-graph capture (captured as a programmatic edge, CUDA >= 12.3). Returns
+// the launch error; a failed launch's error is also consumed from the runtime's last-error slot, so
+// it is reported exactly once (by the launcher's return value).
+template <typename... KArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = pdl_enabled() ? attr : nullptr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<Args&&>(args)...);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
 }
 
 // ----------------------------------------------------------------------------- reductions
@@ -163,6 +249,14 @@ __device__ __forceinline__ float block_max(float v, float* buf) {
 
 // Returns the launch error (if any) of the kernel just enqueued.
 #define CK_RETURN_LAUNCH_STATUS() return cudaGetLastError()
+
+// Launches through launch_kernel(kernel, grid, block, smem, stream, args...) and returns its error
+// from the enclosing launcher if it failed.
+#define CK_LAUNCH(...)                                              \
+  do {                                                              \
+    const cudaError_t ck_lerr_ = ::ck::launch_kernel(__VA_ARGS__);  \
+    if (ck_lerr_ != cudaSuccess) return ck_lerr_;                   \
+  } while (0)
 
 // Propagates a failing CUDA runtime call out of a launcher.
 #define CK_CUDA_TRY(expr)                  \

@@ -17,6 +17,16 @@
 
 namespace ck {
 
+// Whether kernels are launched with programmatic dependent launch (PDL, see common.cuh). Read once,
+// when the library loads, from the environment: CUSTOM_KERNELS_PDL=0 (or false / off / no)
+// disables it, anything else or unset enables it. Kernels are correct either way; the switch is
+// for A/B measurements.
+//
+// Consequence of PDL for callers: a kernel may read its launch-constant inputs (weights, norm
+// weights, RoPE tables; each launcher below says which) before the previous kernel on the stream
+// has finished. Those buffers must not be written by the kernel launched immediately before.
+bool pdl_enabled();
+
 // Element type of the activations / weights / caches. FP32 is accepted only where a launcher says
 // so (sampling logits); everything else is BF16 or FP16 with fp32 accumulation inside.
 enum class DType : int { BF16 = 0, FP16 = 1, FP32 = 2 };
@@ -107,7 +117,19 @@ constexpr int kGemvMaxRows = 8;
 bool gemv_supported(const void* x, const void* w, int T, int K);
 
 // out = x @ w^T. x [T, K], w [N, K], out [T, N]. Requires gemv_supported(...).
+// w is launch-constant (read before the PDL wait, see pdl_enabled).
 cudaError_t launch_gemv(const void* x, const void* w, void* out, int T, int N, int K, DType dt,
                         cudaStream_t stream);
+
+// True when the fused SwiGLU + down projection can serve these sizes and pointers
+// (T <= kGemvMaxRows, I % 8 == 0, 16-byte aligned gate_up and w).
+bool swiglu_linear_supported(const void* gate_up, const void* w, int T, int I);
+
+// out = swiglu(gate_up) @ w^T with swiglu rounded like reference.swiglu, i.e. exactly
+// launch_swiglu then launch_gemv (bitwise: same accumulation order), without the intermediate.
+// gate_up [T, 2I] (gate columns first), w [N, I], out [T, N] (must not overlap gate_up).
+// Requires swiglu_linear_supported(...). w is launch-constant (read before the PDL wait).
+cudaError_t launch_swiglu_linear(const void* gate_up, const void* w, void* out, int T, int N, int I,
+                                 DType dt, cudaStream_t stream);
 
 }  // namespace ck

@@ -11,11 +11,13 @@ namespace {
 // ----------------------------------------------------------------------------- embedding
 
 // One block per token: copy one table row. ids [T], table [V, H], out [T, H].
+// ids are written by the previous step's sampler: read after the PDL wait, coherently.
 template <typename T, typename Id, bool kVec>
-__global__ void embedding_kernel(const Id* __restrict__ ids,    // [T]
+__global__ void embedding_kernel(const Id* ids,                 // [T]
                                  const T* __restrict__ table,   // [V, H]
-                                 T* __restrict__ out,           // [T, H]
+                                 T* out,                        // [T, H]
                                  int H, int64_t V) {
+  pdl_begin();
   const int t = blockIdx.x;
   const int64_t id = static_cast<int64_t>(ids[t]);
   const bool valid = id >= 0 && id < V;  // out-of-range ids give a zero row, never a wild read
@@ -37,6 +39,8 @@ __global__ void embedding_kernel(const Id* __restrict__ ids,    // [T]
 
 // Vector path: H % 8 == 0, H / 8 <= 1024, 16-byte aligned rows. One block per row, one 8-element
 // vector per thread, the row held in registers between the statistics and the output pass.
+// The norm weight (launch constant) is fetched before the PDL wait: its round trip overlaps the
+// previous kernel instead of sitting after the block reduction.
 template <typename T, bool kAdd>
 __global__ void rmsnorm_vec_kernel(const T* x,         // [T, H]
                                    T* residual,        // [T, H] (kAdd: in/out)
@@ -47,6 +51,9 @@ __global__ void rmsnorm_vec_kernel(const T* x,         // [T, H]
   const int64_t base = static_cast<int64_t>(blockIdx.x) * H;
   const int v = threadIdx.x;
   const bool active = v < H / 8;
+  uint4 wraw = make_uint4(0, 0, 0, 0);
+  if (active) wraw = ldg16(w + v * 8);
+  pdl_begin();
   float vals[8];
   float ss = 0.f;
   if (active) {
@@ -67,7 +74,7 @@ __global__ void rmsnorm_vec_kernel(const T* x,         // [T, H]
   const float inv = 1.f / sqrtf(ss / static_cast<float>(H) + eps);
   if (active) {
     float wv[8], o[8];
-    load8<T>(w + v * 8, wv);
+    unpack8<T>(wraw, wv);
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[i] = wv[i] * round_to<T>(vals[i] * inv);
     store8<T>(out + base + v * 8, o);
@@ -84,6 +91,7 @@ __global__ void rmsnorm_scalar_kernel(const T* x,         // [T, H]
                                       float eps, T* out,  // [T, H]
                                       int H) {
   __shared__ float red[32];
+  pdl_begin();
   const int64_t base = static_cast<int64_t>(blockIdx.x) * H;
   float ss = 0.f;
   for (int i = threadIdx.x; i < H; i += blockDim.x) {
@@ -116,10 +124,12 @@ cudaError_t launch_norm(const void* x, void* residual, const void* w, float eps,
     E* op = static_cast<E*>(out);
     if (vec) {
       const int threads = ceil_div(H / 8, 32) * 32;
-      rmsnorm_vec_kernel<E, kAdd><<<T, threads, 0, stream>>>(xp, rp, wp, eps, op, H);
+      CK_LAUNCH(rmsnorm_vec_kernel<E, kAdd>, dim3(T), dim3(threads), 0, stream, xp, rp, wp, eps,
+                op, H);
     } else {
       const int threads = H >= 4096 ? 1024 : 256;
-      rmsnorm_scalar_kernel<E, kAdd><<<T, threads, 0, stream>>>(xp, rp, wp, eps, op, H);
+      CK_LAUNCH(rmsnorm_scalar_kernel<E, kAdd>, dim3(T), dim3(threads), 0, stream, xp, rp, wp,
+                eps, op, H);
     }
   });
   CK_RETURN_LAUNCH_STATUS();
@@ -138,12 +148,12 @@ cudaError_t launch_embedding(const void* ids, bool ids_are_int64, const void* ta
     E* op = static_cast<E*>(out);
     if (ids_are_int64) {
       const int64_t* ip = static_cast<const int64_t*>(ids);
-      if (vec) embedding_kernel<E, int64_t, true><<<T, threads, 0, stream>>>(ip, tp, op, H, V);
-      else embedding_kernel<E, int64_t, false><<<T, threads, 0, stream>>>(ip, tp, op, H, V);
+      if (vec) CK_LAUNCH(embedding_kernel<E, int64_t, true>, dim3(T), dim3(threads), 0, stream, ip, tp, op, H, V);
+      else CK_LAUNCH(embedding_kernel<E, int64_t, false>, dim3(T), dim3(threads), 0, stream, ip, tp, op, H, V);
     } else {
       const int32_t* ip = static_cast<const int32_t*>(ids);
-      if (vec) embedding_kernel<E, int32_t, true><<<T, threads, 0, stream>>>(ip, tp, op, H, V);
-      else embedding_kernel<E, int32_t, false><<<T, threads, 0, stream>>>(ip, tp, op, H, V);
+      if (vec) CK_LAUNCH(embedding_kernel<E, int32_t, true>, dim3(T), dim3(threads), 0, stream, ip, tp, op, H, V);
+      else CK_LAUNCH(embedding_kernel<E, int32_t, false>, dim3(T), dim3(threads), 0, stream, ip, tp, op, H, V);
     }
   });
   CK_RETURN_LAUNCH_STATUS();

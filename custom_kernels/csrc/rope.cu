@@ -12,16 +12,19 @@ namespace {
 
 // grid (T, nq + 2 nkv): one block per (token, head); blockDim = D / 2, thread i owns the pair
 // (i, i + D/2). Heads [0, nq) are q, [nq, nq + nkv) are k, the rest are v.
+// qkv, positions and block_table may be written by earlier work of the step (coherent loads, after
+// the PDL wait); cos / sin are launch constants.
 template <typename T>
-__global__ void rope_kv_write_kernel(const T* __restrict__ qkv,            // [T, (nq+2nkv) D]
-                                     const int32_t* __restrict__ positions,  // [T]
-                                     const float* __restrict__ cos_t,        // [P, D/2]
-                                     const float* __restrict__ sin_t,        // [P, D/2]
-                                     T* __restrict__ k_cache,                // [NB, BS, nkv, D]
-                                     T* __restrict__ v_cache,                // [NB, BS, nkv, D]
-                                     const int32_t* __restrict__ block_table,  // [MB]
-                                     T* __restrict__ q_out,                  // [T, nq, D]
+__global__ void rope_kv_write_kernel(const T* qkv,                       // [T, (nq+2nkv) D]
+                                     const int32_t* positions,           // [T]
+                                     const float* __restrict__ cos_t,    // [P, D/2]
+                                     const float* __restrict__ sin_t,    // [P, D/2]
+                                     T* k_cache,                         // [NB, BS, nkv, D]
+                                     T* v_cache,                         // [NB, BS, nkv, D]
+                                     const int32_t* block_table,         // [MB]
+                                     T* q_out,                           // [T, nq, D]
                                      int nq, int nkv, int D, int64_t NB, int BS, int MB, int P) {
+  pdl_begin();
   const int t = blockIdx.x;
   const int head = blockIdx.y;
   const int half = D / 2;
@@ -80,9 +83,9 @@ cudaError_t launch_rope_kv_write(const void* qkv, const int32_t* positions, cons
   }
   const dim3 grid(T, nq + 2 * nkv);
   CK_DISPATCH_HALF(dt, E, {
-    rope_kv_write_kernel<E><<<grid, D / 2, 0, stream>>>(
-        static_cast<const E*>(qkv), positions, cos, sin, static_cast<E*>(k_cache),
-        static_cast<E*>(v_cache), block_table, static_cast<E*>(q_out), nq, nkv, D, NB, BS, MB, P);
+    CK_LAUNCH(rope_kv_write_kernel<E>, grid, dim3(D / 2), 0, stream, static_cast<const E*>(qkv),
+              positions, cos, sin, static_cast<E*>(k_cache), static_cast<E*>(v_cache), block_table,
+              static_cast<E*>(q_out), nq, nkv, D, NB, BS, MB, P);
   });
   CK_RETURN_LAUNCH_STATUS();
 }

@@ -74,24 +74,30 @@ struct LogitFP32 {
 };
 
 // 8 raw logits starting at i0 (n of them valid, the rest 0). vec: V % 8 == 0 and aligned rows.
+// The logits were just written by the lm_head kernel: coherent loads (after the PDL wait).
 template <typename L>
 __device__ __forceinline__ void load_raw8(const typename L::Raw* row, int i0, int n, bool vec,
                                           uint32_t (&raw)[8]) {
-  if (vec) {
+  if (vec && n == 0) {
+    // A lane past the end of its segment (vec: n is 0 or 8): no load, which could otherwise read
+    // up to a round past the end of the last row.
+#pragma unroll
+    for (int j = 0; j < 8; ++j) raw[j] = 0u;
+  } else if (vec) {
     if (L::kBits == 16) {
-      const uint4 v = ldg16(row + i0);
+      const uint4 v = ld16(row + i0);
       raw[0] = v.x & 0xffffu; raw[1] = v.x >> 16;
       raw[2] = v.y & 0xffffu; raw[3] = v.y >> 16;
       raw[4] = v.z & 0xffffu; raw[5] = v.z >> 16;
       raw[6] = v.w & 0xffffu; raw[7] = v.w >> 16;
     } else {
-      const uint4 a = ldg16(row + i0), b = ldg16(row + i0 + 4);
+      const uint4 a = ld16(row + i0), b = ld16(row + i0 + 4);
       raw[0] = a.x; raw[1] = a.y; raw[2] = a.z; raw[3] = a.w;
       raw[4] = b.x; raw[5] = b.y; raw[6] = b.z; raw[7] = b.w;
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) raw[j] = j < n ? static_cast<uint32_t>(__ldg(row + i0 + j)) : 0u;
+    for (int j = 0; j < 8; ++j) raw[j] = j < n ? static_cast<uint32_t>(row[i0 + j]) : 0u;
   }
 }
 
@@ -171,14 +177,14 @@ __device__ __forceinline__ float warp_inclusive_scan(float v) {
 // grid B, block kSampleThreads.
 template <typename L>
 __global__ void __launch_bounds__(kSampleThreads)
-sample_kernel(const typename L::Raw* __restrict__ logits,  // [B, V]
-              const float* __restrict__ temperature,       // [B]
-              const int32_t* __restrict__ top_k,           // [B]
-              const float* __restrict__ top_p,             // [B]
-              const int64_t* __restrict__ seed,            // [B]
-              int32_t* __restrict__ positions,             // [B] in/out
-              int32_t* __restrict__ token_in,              // [B] out
-              int32_t* __restrict__ token_hist,            // [B, hist_len] out
+sample_kernel(const typename L::Raw* logits,  // [B, V]
+              const float* temperature,       // [B]
+              const int32_t* top_k,           // [B]
+              const float* top_p,             // [B]
+              const int64_t* seed,            // [B]
+              int32_t* positions,             // [B] in/out
+              int32_t* token_in,              // [B] out
+              int32_t* token_hist,            // [B, hist_len] out
               int V, int hist_len, bool vec) {
   using Raw = typename L::Raw;
   __shared__ int s_pos;
@@ -197,6 +203,7 @@ sample_kernel(const typename L::Raw* __restrict__ logits,  // [B, V]
   __shared__ float s_target, s_cross_base;
   __shared__ int s_tok;
 
+  pdl_begin();
   const int b = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const Raw* row = logits + static_cast<int64_t>(b) * V;
@@ -465,19 +472,19 @@ cudaError_t launch_sample(const void* logits, const float* temperature, const in
   const bool vec = V % 8 == 0 && aligned16(logits);
   switch (logits_dt) {
     case DType::BF16:
-      sample_kernel<LogitBF16><<<B, kSampleThreads, 0, stream>>>(
-          static_cast<const uint16_t*>(logits), temperature, top_k, top_p, seed, positions,
-          token_in, token_hist, V, hist_len, vec);
+      CK_LAUNCH(sample_kernel<LogitBF16>, dim3(B), dim3(kSampleThreads), 0, stream,
+                static_cast<const uint16_t*>(logits), temperature, top_k, top_p, seed, positions,
+                token_in, token_hist, V, hist_len, vec);
       break;
     case DType::FP16:
-      sample_kernel<LogitFP16><<<B, kSampleThreads, 0, stream>>>(
-          static_cast<const uint16_t*>(logits), temperature, top_k, top_p, seed, positions,
-          token_in, token_hist, V, hist_len, vec);
+      CK_LAUNCH(sample_kernel<LogitFP16>, dim3(B), dim3(kSampleThreads), 0, stream,
+                static_cast<const uint16_t*>(logits), temperature, top_k, top_p, seed, positions,
+                token_in, token_hist, V, hist_len, vec);
       break;
     case DType::FP32:
-      sample_kernel<LogitFP32><<<B, kSampleThreads, 0, stream>>>(
-          static_cast<const uint32_t*>(logits), temperature, top_k, top_p, seed, positions,
-          token_in, token_hist, V, hist_len, vec);
+      CK_LAUNCH(sample_kernel<LogitFP32>, dim3(B), dim3(kSampleThreads), 0, stream,
+                static_cast<const uint32_t*>(logits), temperature, top_k, top_p, seed, positions,
+                token_in, token_hist, V, hist_len, vec);
       break;
     default:
       return cudaErrorInvalidValue;

@@ -5,20 +5,15 @@
 namespace ck {
 namespace {
 
-// silu in fp32 written the way torch's CPU kernel forms it: x / (1 + exp(-x)). IEEE division (no
-// fast-math) keeps the rounding of the fp32 value close enough that dtype rounding agrees.
-__device__ __forceinline__ float silu_f32(float g) { return __fdiv_rn(g, 1.f + expf(-g)); }
-
-template <typename T>
-__device__ __forceinline__ float swiglu_one(float g, float u) {
-  return round_to<T>(silu_f32(g)) * u;  // exact fp32 product of two dtype values; rounded at store
-}
+// silu_f32 / swiglu_rounded live in common.cuh (shared with the fused swiglu_linear in gemv.cu).
+// gate_up is written by the previous kernel: plain loads after the PDL wait.
 
 // Vector path: I % 8 == 0 and 16-byte aligned rows. One thread per 8 outputs, grid-stride.
 template <typename T>
-__global__ void swiglu_vec_kernel(const T* __restrict__ gate_up,  // [T, 2I]
-                                  T* __restrict__ out,            // [T, I]
+__global__ void swiglu_vec_kernel(const T* gate_up,  // [T, 2I]
+                                  T* out,            // [T, I]
                                   int64_t rows, int I) {
+  pdl_begin();
   const int vpr = I / 8;  // vectors per output row
   const int64_t total = rows * vpr;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -27,25 +22,26 @@ __global__ void swiglu_vec_kernel(const T* __restrict__ gate_up,  // [T, 2I]
     const int c = static_cast<int>(idx - t * vpr) * 8;
     const T* row = gate_up + t * 2 * I;
     float g[8], u[8], o[8];
-    load8<T>(row + c, g);
-    load8<T>(row + I + c, u);
+    load8c<T>(row + c, g);
+    load8c<T>(row + I + c, u);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = swiglu_one<T>(g[i], u[i]);
+    for (int i = 0; i < 8; ++i) o[i] = swiglu_rounded<T>(g[i], u[i]);
     store8<T>(out + t * I + c, o);
   }
 }
 
 template <typename T>
-__global__ void swiglu_scalar_kernel(const T* __restrict__ gate_up,  // [T, 2I]
-                                     T* __restrict__ out,            // [T, I]
+__global__ void swiglu_scalar_kernel(const T* gate_up,  // [T, 2I]
+                                     T* out,            // [T, I]
                                      int64_t rows, int I) {
+  pdl_begin();
   const int64_t total = rows * I;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = idx / I;
     const int c = static_cast<int>(idx - t * I);
     const T* row = gate_up + t * 2 * I;
-    const float o = swiglu_one<T>(Elem<T>::to_float(row[c]), Elem<T>::to_float(row[I + c]));
+    const float o = swiglu_rounded<T>(Elem<T>::to_float(row[c]), Elem<T>::to_float(row[I + c]));
     out[idx] = Elem<T>::from_float(o);
   }
 }
@@ -64,8 +60,8 @@ cudaError_t launch_swiglu(const void* gate_up, void* out, int T, int I, DType dt
   CK_DISPATCH_HALF(dt, E, {
     const E* gp = static_cast<const E*>(gate_up);
     E* op = static_cast<E*>(out);
-    if (vec) swiglu_vec_kernel<E><<<blocks, threads, 0, stream>>>(gp, op, T, I);
-    else swiglu_scalar_kernel<E><<<blocks, threads, 0, stream>>>(gp, op, T, I);
+    if (vec) CK_LAUNCH(swiglu_vec_kernel<E>, dim3(blocks), dim3(threads), 0, stream, gp, op, T, I);
+    else CK_LAUNCH(swiglu_scalar_kernel<E>, dim3(blocks), dim3(threads), 0, stream, gp, op, T, I);
   });
   CK_RETURN_LAUNCH_STATUS();
 }
