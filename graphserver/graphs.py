@@ -82,22 +82,22 @@ class GraphManager:
         return min(self.max_len, -(-length // self.bucket) * self.bucket)
 
     def window_keys(self, length: int) -> list[int]:
-        """Keys a session at this length will need, nearest first (the order captures go in)."""
-        keys: list[int] = []
-        for t in range(max(1, length - self.behind), min(self.max_len, length + self.ahead) + 1):
-            k = self.key_for(t)
-            if k not in keys:
-                keys.append(k)
-        current = self.key_for(length)
-        return sorted(keys, key=lambda k: (k < current, abs(k - current)))
+        """Keys a session at this length will need, nearest first (the order captures go in).
+
+        Linear in the window size: it runs on every wake-up of the capture thread, i.e. once per
+        replayed step, under the lock the request thread also takes.
+        """
+        lo = max(1, length - self.behind)
+        hi = min(self.max_len, length + self.ahead)
+        keys = dict.fromkeys(self.key_for(t) for t in range(length, hi + 1))
+        keys.update(dict.fromkeys(self.key_for(t) for t in range(length - 1, lo - 1, -1)))
+        return list(keys)
 
     def _wanted(self) -> list[int]:
-        wanted: list[int] = []
+        wanted: dict[int, None] = {}
         for length in sorted(self._live.values()):
-            for k in self.window_keys(length):
-                if k not in wanted:
-                    wanted.append(k)
-        return wanted
+            wanted.update(dict.fromkeys(self.window_keys(length)))
+        return list(wanted)
 
     # ------------------------------------------------------------------ live lengths
 
@@ -105,7 +105,12 @@ class GraphManager:
         """The engine reports where a session is; the capture thread reacts."""
         with self._cond:
             self._live[session] = length
-            self._cond.notify_all()
+            # Wake the capture thread only when the window's far edge is missing (or every 16
+            # steps, for evictions): waking it every step cost the request thread the lock and
+            # the GIL once per replayed token.
+            edge = self.key_for(min(self.max_len, length + self.ahead))
+            if edge not in self._graphs or length % 16 == 0:
+                self._cond.notify_all()
 
     def forget(self, session: str) -> None:
         with self._cond:
