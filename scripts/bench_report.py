@@ -11,13 +11,28 @@ import _common
 from _common import ROOT
 
 
-def load(paths):
+MODEL_ORDER = ["default", "random:smollm2-135m", "random:llama-3.2-1b", "random:llama-2-7b"]
+
+
+def load(paths, latest_only: bool = True):
+    """(record, model row, file name) per model; by default only each model's newest record."""
     rows = []
     for path in paths:
         rec = json.loads(Path(path).read_text())
         for m in rec["models"]:
             rows.append((rec, m, Path(path).name))
-    return rows
+    if latest_only:
+        newest = {}
+        for row in rows:
+            if row[1]["model"] not in newest or row[0]["date"] > newest[row[1]["model"]][0]["date"]:
+                newest[row[1]["model"]] = row
+        rows = list(newest.values())
+    order = {m: i for i, m in enumerate(MODEL_ORDER)}
+    return sorted(rows, key=lambda r: order.get(r[1]["model"], len(order)))
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1f}%"
 
 
 def table(rows) -> str:
@@ -28,7 +43,7 @@ def table(rows) -> str:
         long = m.get("long", {})
         out.append(
             f"| {m['model']} | {m['short']['ms_per_token']:.3f} | {m['short']['floor_ms']:.3f} | "
-            f"{m['short']['pct_of_floor']:.1f}% | {long.get('pct_of_floor', float('nan')):.1f}% | "
+            f"{m['short']['pct_of_floor']:.1f}% | {_pct(long.get('pct_of_floor'))} | "
             f"{pe.get('hf_eager_ms_per_token', float('nan')):.2f} | "
             f"{pe.get('hf_compiled_ms_per_token', float('nan')):.3f} | "
             f"{m.get('speedup_vs_hf_compiled', float('nan')):.2f}x | "
@@ -75,12 +90,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("records", nargs="*", help="JSON records (default: output/bench/decode_*.json)")
     p.add_argument("--png", default=str(ROOT / "output" / "bench" / "decode.png"))
+    p.add_argument("--all", action="store_true", help="every record, not only each model's newest")
     args = p.parse_args(argv)
     paths = args.records or sorted(glob.glob(str(ROOT / "output" / "bench" / "decode_*.json")))
     if not paths:
         print("bench_report: no records found", file=sys.stderr)
         return 1
-    rows = load(paths)
+    rows = load(paths, latest_only=not args.all)
     print(table(rows))
     if plot(rows, Path(args.png)):
         print(f"\nwrote {args.png}", file=sys.stderr)
