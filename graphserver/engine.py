@@ -325,6 +325,7 @@ class Engine:
             self.graphs.note_length(session, s.length + 1)
             self.graphs.stats.fallbacks += fallbacks
         gpu_ms = ev_start.elapsed_time(ev_end) if ev_start is not None else host_ms
+        self.tracer.note_replay(t_host0, time.perf_counter(), graph_steps, gpu_ms)
         n = max(1, graph_steps)
         return {
             "tokens": tokens, "stopped": stop_at is not None, "length": s.length,
@@ -464,5 +465,8 @@ class Engine:
         if summary:
             self.log(f"torch profile: {summary['trace']}; capture {summary['capture_ms']} ms in "
                      f"{summary['captures']} captures, replay {summary['replay_ms']} ms in "
-                     f"{summary['replay_calls']} calls, overlapping {summary['overlap_ms']} ms")
+                     f"{summary['replay_calls']} calls, overlapping {summary['overlap_ms']} ms; "
+                     f"replay ms/step with capture running "
+                     f"{summary['replay_ms_per_step_with_capture']}, without "
+                     f"{summary['replay_ms_per_step_without_capture']}")
         return summary

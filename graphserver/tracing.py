@@ -54,6 +54,7 @@ class Tracer:
         self._domain = nvtx.get_domain(DOMAIN)
         self._profile_path = Path(torch_profile) if torch_profile else None
         self._intervals: dict[str, list[tuple[float, float]]] = {}
+        self._replays: list[tuple[float, float, int, float]] = []   # (start, end, steps, gpu ms)
         self._lock = threading.Lock()
         self._profiler = None
         if self._profile_path is not None:
@@ -94,15 +95,34 @@ class Tracer:
             with self._lock:
                 self._intervals.setdefault(kind, []).append((start_s, end_s))
 
+    def note_replay(self, start_s: float, end_s: float, steps: int, gpu_ms: float) -> None:
+        """One replay_seq call's span and GPU time, for the with/without-capture split."""
+        if self._profiler is not None and steps > 0:
+            with self._lock:
+                self._replays.append((start_s, end_s, steps, gpu_ms))
+
     def summary(self) -> dict:
         with self._lock:
             iv = {k: list(v) for k, v in self._intervals.items()}
+            replays = list(self._replays)
         cap, rep = iv.get("capture", []), iv.get("replay", [])
+        # Replay time per step, split by whether a capture ran during the call.
+        split = {True: [0, 0.0], False: [0, 0.0]}
+        for s0, s1, steps, ms in replays:
+            busy = interval_overlap_ms(cap, [(s0, s1)]) > 0
+            split[busy][0] += steps
+            split[busy][1] += ms
+
+        def per_step(key):
+            n, ms = split[key]
+            return round(ms / n, 4) if n else None
         return {
             "capture_ms": round(sum(e - s for s, e in cap) * 1e3, 3),
             "replay_ms": round(sum(e - s for s, e in rep) * 1e3, 3),
             "overlap_ms": round(interval_overlap_ms(cap, rep), 3),
             "captures": len(cap), "replay_calls": len(rep),
+            "replay_ms_per_step_with_capture": per_step(True),
+            "replay_ms_per_step_without_capture": per_step(False),
         }
 
     def close(self) -> Optional[dict]:

@@ -55,3 +55,17 @@ def test_torch_profile_trace_on_cpu(tmp_path):
     summary = json.loads(path.with_suffix(".summary.json").read_text())
     assert summary["replay_calls"] == 1 and summary["replay_ms"] > 0
     assert summary["overlap_ms"] == 0.0          # no capture thread on the CPU
+    assert summary["replay_ms_per_step_with_capture"] is None
+    assert summary["replay_ms_per_step_without_capture"] > 0
+
+
+def test_replay_split_by_concurrent_capture():
+    tr = Tracer.__new__(Tracer)              # the summary logic alone, no profiler
+    import threading
+    tr._lock = threading.Lock()
+    tr._intervals = {"capture": [(1.0, 1.5)], "replay": [(0.9, 2.0), (3.0, 4.0)]}
+    tr._replays = [(0.9, 2.0, 10, 5.0), (3.0, 4.0, 20, 8.0)]
+    s = tr.summary()
+    assert s["replay_ms_per_step_with_capture"] == 0.5
+    assert s["replay_ms_per_step_without_capture"] == 0.4
+    assert abs(s["overlap_ms"] - 500.0) < 1e-6
