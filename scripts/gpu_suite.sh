@@ -8,10 +8,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Logs go to one folder, packed into $OUT/gpu_logs.tgz at the end (the device tool returns few files).
-LOGS=${LOGS:-/tmp/gpu_logs}; mkdir -p "$LOGS"
+LOGS=${LOGS:-${TMPDIR:-/tmp}/gpu_logs}; mkdir -p "$LOGS"
 OUT=${OUT:-output/gpu}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MAX_JOBS=${MAX_JOBS:-16}
-export GRAPHSERVER_CACHE=${GRAPHSERVER_CACHE:-/root/graphserver-cache}
 if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; fi
 summary=()
 phase() {  # name, timeout_s, command...
