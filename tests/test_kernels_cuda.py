@@ -178,8 +178,13 @@ GEMV_SHAPES = [(576, 576), (1536, 576), (576, 1536), (960, 576), (3072, 576), (3
 @pytest.mark.parametrize("n,k", GEMV_SHAPES)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8])
 def test_linear_gemv(gemm_workspace, dtype, n, k, tokens):
-    x = randn(tokens, k, dtype=dtype, seed=11)
-    w = randn(n, k, dtype=dtype, seed=12, scale=1.0 / math.sqrt(k))
+    _check_linear(dtype, tokens, n, k, seed=11)
+
+
+def _check_linear(dtype, tokens, n, k, seed):
+    """ops.linear on fresh random x [tokens, k], w [n, k] against the reference, output poisoned."""
+    x = randn(tokens, k, dtype=dtype, seed=seed)
+    w = randn(n, k, dtype=dtype, seed=seed + 1, scale=1.0 / math.sqrt(k))
     out = poisoned(tokens, n, dtype=dtype)
     ops.linear(x, w, out)
     ref = torch.empty(tokens, n, dtype=dtype)
@@ -192,13 +197,7 @@ def test_linear_gemv(gemm_workspace, dtype, n, k, tokens):
                                         (1, 576, 577), (4, 300, 203), (9, 1001, 200)])
 def test_linear_cublas(gemm_workspace, dtype, tokens, n, k):
     # More rows than the GEMV serves, or K not a multiple of 8: the cuBLAS path.
-    x = randn(tokens, k, dtype=dtype, seed=13)
-    w = randn(n, k, dtype=dtype, seed=14, scale=1.0 / math.sqrt(k))
-    out = poisoned(tokens, n, dtype=dtype)
-    ops.linear(x, w, out)
-    ref = torch.empty(tokens, n, dtype=dtype)
-    reference.linear(x.cpu(), w.cpu(), ref)
-    torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+    _check_linear(dtype, tokens, n, k, seed=13)
 
 
 def test_linear_unbound_stream_fails_clearly(gemm_workspace):
