@@ -1,8 +1,9 @@
 """Profiling hooks: nvtx ranges in one domain ("graphserver"), and an optional torch-profiler
 Chrome trace with a capture/replay overlap summary.
 
-With no profiler attached an nvtx push/pop pair costs well under a microsecond (measured by
-scripts/bench_nvtx.py), which is why the ranges stay on in production.
+With no profiler attached a Tracer.range costs about 1 us of host time (scripts/bench_nvtx.py
+measured 1.06 us on a 2-core CPU machine). The replay loop runs ahead of the GPU, so the ranges
+stay on in production.
 """
 from __future__ import annotations
 

@@ -551,14 +551,20 @@ def test_prefill_attention(dtype, nq, nkv, d, tokens, start_pos, block_size):
     num_blocks = max_blocks + 4
     k_cache, v_cache = make_cache(num_blocks, block_size, nkv, d, dtype, seed=60)
     block_table = make_block_tables(1, max_blocks, num_blocks, seed=61)[0].to(DEV)
-    q = randn(tokens, nq, d, dtype=dtype, seed=62)
+    _check_prefill(k_cache, v_cache, block_table, tokens, nq, d, dtype, start_pos, seed=62,
+                   tol=ATTN_TOL[dtype])
+
+
+def _check_prefill(k_cache, v_cache, block_table, tokens, nq, d, dtype, start_pos, seed, tol):
+    """prefill_attention on fresh random q against the reference, output poisoned."""
+    q = randn(tokens, nq, d, dtype=dtype, seed=seed)
     scale = 1.0 / math.sqrt(d)
     out = poisoned(tokens, nq, d, dtype=dtype)
     ops.prefill_attention(q, k_cache, v_cache, block_table, start_pos, scale, out)
     ref = torch.empty(tokens, nq, d, dtype=dtype)
     reference.prefill_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), block_table.cpu(),
                                 start_pos, scale, ref)
-    torch.testing.assert_close(out.cpu(), ref, **ATTN_TOL[dtype])
+    torch.testing.assert_close(out.cpu(), ref, **tol)
 
 
 @pytest.mark.parametrize("start_pos", [0, 100])
@@ -568,14 +574,8 @@ def test_prefill_attention_7b_shape(start_pos):
     max_blocks = math.ceil(total / block_size)
     k_cache, v_cache = make_cache(max_blocks + 2, block_size, nkv, d, dtype, seed=63)
     block_table = make_block_tables(1, max_blocks, max_blocks + 2, seed=64)[0].to(DEV)
-    q = randn(tokens, nq, d, dtype=dtype, seed=65)
-    scale = 1.0 / math.sqrt(d)
-    out = poisoned(tokens, nq, d, dtype=dtype)
-    ops.prefill_attention(q, k_cache, v_cache, block_table, start_pos, scale, out)
-    ref = torch.empty(tokens, nq, d, dtype=dtype)
-    reference.prefill_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), block_table.cpu(),
-                                start_pos, scale, ref)
-    torch.testing.assert_close(out.cpu(), ref, **ATTN_TOL_LONG[dtype])
+    _check_prefill(k_cache, v_cache, block_table, tokens, nq, d, dtype, start_pos, seed=65,
+                   tol=ATTN_TOL_LONG[dtype])
 
 
 # ----------------------------------------------------------------------------- sampling
