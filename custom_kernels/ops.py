@@ -110,11 +110,6 @@ def decode_attention(q, k_cache, v_cache, block_tables, positions, scale: float,
     captured for a length bucket stays valid for every length up to max_len.
     """
     if out.is_cuda:
-        if workspace is None:
-            # checked here: the kernel registration crashed on a None workspace (GPU run,
-            # 2026-11-22) instead of raising its own message
-            raise RuntimeError("decode_attention on CUDA needs a workspace of "
-                               "attention_workspace_numel(B, nq, D, max_len) fp32 elements")
         return _kernels().decode_attention(q, k_cache, v_cache, block_tables, positions,
                                            float(scale), out, workspace, int(max_len))
     return reference.decode_attention(q, k_cache, v_cache, block_tables, positions, scale, out)

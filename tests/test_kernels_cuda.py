@@ -324,6 +324,18 @@ def test_swiglu_linear_op_refuses_what_it_cannot_serve():
         k.swiglu_linear(gu, w, gu.view(-1)[:32].view(2, 16))
 
 
+def test_refusal_messages_carry_the_numbers():
+    """A refusal formats sizes into its message and raises. (A build that linked a private copy of
+    libstdc++ into _C segfaulted on the first integer formatted; setup.py now links torch's.)"""
+    w = randn(16, 24, dtype=torch.bfloat16, seed=104)
+    with pytest.raises(RuntimeError, match=r"x.shape\[-1\] = 1 \* weight.shape\[1\] = 24, got x \[3, 40\]"):
+        ops.linear(randn(3, 40, dtype=torch.bfloat16, seed=105), w,
+                   poisoned(3, 16, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"got T = 9, I = 24"):
+        torch.ops.custom_kernels.swiglu_linear(randn(9, 48, dtype=torch.bfloat16, seed=106), w,
+                                               poisoned(9, 16, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_swiglu_linear_graph_replay_matches_eager(dtype):
     """The fused op captured in a CUDA graph (after a GEMV that feeds it, as in the MLP) replays
@@ -502,8 +514,11 @@ def test_decode_attention_rejects_bad_max_len():
     ws = torch.empty(1 << 16, dtype=torch.float32, device=DEV)
     with pytest.raises(RuntimeError, match="max_len must be > 0"):
         ops.decode_attention(q, k_cache, v_cache, block_tables, positions, 0.125, out, ws, 0)
-    with pytest.raises(RuntimeError, match="workspace"):
+    with pytest.raises(RuntimeError, match=r"needs a float32 workspace of at least \d+ elements, "
+                                           r"got 0 \(none\)"):
         ops.decode_attention(q, k_cache, v_cache, block_tables, positions, 0.125, out, None, 64)
+    with pytest.raises(RuntimeError, match=r"got 7;"):
+        ops.decode_attention(q, k_cache, v_cache, block_tables, positions, 0.125, out, ws[:7], 64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -260,28 +260,43 @@ void add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, double
                op);
 }
 
-void linear(const Tensor& x, const Tensor& weight, Tensor& out) {
-  const char* op = "linear";
+// The checks linear and swiglu_linear share: out[..., N] = f(x[..., k_mult * K]) @ weight[N, K]^T,
+// all one half dtype on one device. Returns the sizes as launcher ints (T = rows of x).
+struct RowsTimesWeight {
+  ck::DType dt;
+  int T, N, K;
+};
+
+RowsTimesWeight check_rows_times_weight(const Tensor& x, const Tensor& weight, const Tensor& out,
+                                        const char* op, const char* x_name, const char* x_shape,
+                                        int64_t k_mult) {
   const c10::Device device = out.device();
   check_cuda(out, op, "out", device);
-  check_cuda(x, op, "x", device);
+  check_cuda(x, op, x_name, device);
   check_cuda(weight, op, "weight", device);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must be [T, K]");
+  TORCH_CHECK(x.dim() >= 1, op, ": ", x_name, " must be ", x_shape);
   check_dim(weight, op, "weight", 2, "[N, K]");
-  const ck::DType dt = half_dtype(x, op, "x");
+  const ck::DType dt = half_dtype(x, op, x_name);
   check_dtype(weight, op, "weight", x.scalar_type());
   check_dtype(out, op, "out", x.scalar_type());
-  const int64_t K = x.size(-1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, op, ": weight must be [N, K] with K = x.shape[-1] = ", K,
-              ", got ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(K > 0, op, ": weight.shape[1] must be > 0, got weight ", weight.sizes());
+  TORCH_CHECK(x.size(-1) == k_mult * K, op, ": ", x_name, " must be ", x_shape, " with ",
+              x_name, ".shape[-1] = ", k_mult, " * weight.shape[1] = ", k_mult * K, ", got ",
+              x_name, " ", x.sizes(), " and weight ", weight.sizes());
   std::vector<int64_t> want = leading(x);
   want.push_back(N);
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(want), op, ": out must be x.shape[:-1] + [N] = ",
-              at::IntArrayRef(want), ", got ", out.sizes());
-  TORCH_CHECK(K > 0, op, ": K must be > 0");
-  const int T = to_int(K > 0 ? x.numel() / K : 0, op, "rows of x");
-  const int Ni = to_int(N, op, "N"), Ki = to_int(K, op, "K");
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(want), op, ": out must be ", x_name,
+              ".shape[:-1] + [N] = ", at::IntArrayRef(want), ", got ", out.sizes());
+  return {dt, to_int(x.numel() / x.size(-1), op, "rows"), to_int(N, op, "N"),
+          to_int(K, op, "K")};
+}
+
+void linear(const Tensor& x, const Tensor& weight, Tensor& out) {
+  const char* op = "linear";
+  const auto [dt, T, Ni, Ki] = check_rows_times_weight(x, weight, out, op, "x", "[T, K]", 1);
   if (T == 0 || Ni == 0) return;
+  const c10::Device device = out.device();
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   if (ck::gemv_supported(x.data_ptr(), weight.data_ptr(), T, Ki)) {
@@ -320,26 +335,10 @@ void swiglu(const Tensor& gate_up, Tensor& out) {
 // case (more rows, I % 8 != 0, unaligned views) to swiglu + linear itself, so this op refuses them.
 void swiglu_linear(const Tensor& gate_up, const Tensor& weight, Tensor& out) {
   const char* op = "swiglu_linear";
-  const c10::Device device = out.device();
-  check_cuda(out, op, "out", device);
-  check_cuda(gate_up, op, "gate_up", device);
-  check_cuda(weight, op, "weight", device);
-  TORCH_CHECK(gate_up.dim() >= 1, op, ": gate_up must be [T, 2I]");
-  check_dim(weight, op, "weight", 2, "[N, I]");
-  const ck::DType dt = half_dtype(gate_up, op, "gate_up");
-  check_dtype(weight, op, "weight", gate_up.scalar_type());
-  check_dtype(out, op, "out", gate_up.scalar_type());
-  const int64_t N = weight.size(0), I = weight.size(1);
-  TORCH_CHECK(I > 0, op, ": I (weight.shape[1]) must be > 0");
-  TORCH_CHECK(gate_up.size(-1) == 2 * I, op, ": gate_up must be [T, 2I] with I = weight.shape[1] = ",
-              I, ", got gate_up ", gate_up.sizes(), " and weight ", weight.sizes());
-  std::vector<int64_t> want = leading(gate_up);
-  want.push_back(N);
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(want), op, ": out must be gate_up.shape[:-1] + [N] = ",
-              at::IntArrayRef(want), ", got ", out.sizes());
-  const int T = to_int(gate_up.numel() / (2 * I), op, "rows of gate_up");
-  const int Ni = to_int(N, op, "N"), Ii = to_int(I, op, "I");
+  const auto [dt, T, Ni, Ii] =
+      check_rows_times_weight(gate_up, weight, out, op, "gate_up", "[T, 2I]", 2);
   if (T == 0 || Ni == 0) return;
+  const c10::Device device = out.device();
   {
     // Blocks write out while others still read gate_up: the two must not overlap.
     const auto* g0 = static_cast<const char*>(gate_up.data_ptr());
@@ -350,7 +349,7 @@ void swiglu_linear(const Tensor& gate_up, const Tensor& weight, Tensor& out) {
   }
   TORCH_CHECK(ck::swiglu_linear_supported(gate_up.data_ptr(), weight.data_ptr(), T, Ii), op,
               ": the fused kernel serves T <= ", ck::kGemvMaxRows,
-              " rows, I % 8 == 0 and 16-byte aligned gate_up and weight; got T = ", T, ", I = ", I,
+              " rows, I % 8 == 0 and 16-byte aligned gate_up and weight; got T = ", T, ", I = ", Ii,
               ". Use custom_kernels.ops.swiglu_linear, which falls back to swiglu + linear.");
   c10::cuda::CUDAGuard guard(device);
   check_launch(ck::launch_swiglu_linear(gate_up.data_ptr(), weight.data_ptr(), out.data_ptr(), T,
