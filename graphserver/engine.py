@@ -20,7 +20,7 @@ import torch
 from custom_kernels import ops
 from custom_kernels.weights import load_weights
 
-from .errors import BadRequest, Unavailable, UnknownSession
+from .errors import BadRequest, KVExhausted, Unavailable, UnknownSession
 from .graphs import CudaGraphCapturer, GraphManager
 from .kv import BlockAllocator, blocks_for
 from .model import ModelRunner
@@ -35,6 +35,7 @@ class Session:
     length: int                            # tokens whose K/V are in the cache
     pending: Optional[int] = None          # sampled token not yet in the cache (next input)
     logits: Optional[torch.Tensor] = None  # [1, V] last logits while no token is pending
+    last_used: float = 0.0                 # engine clock at the session's last RPC
 
 
 def pick_device(device: str) -> torch.device:
@@ -94,8 +95,11 @@ class Engine:
                  max_len: Optional[int] = None, cache_dir: Optional[str] = None,
                  gguf: Optional[str] = None, torch_profile: Optional[str] = None,
                  wait_s: float = 10.0, prefill_chunk: int = 1024, seed: int = 0,
-                 max_inflight: int = 32,
+                 max_inflight: int = 32, session_ttl_s: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic,
                  log: Optional[Callable[[str], None]] = None):
+        if not session_ttl_s >= 0:
+            raise ValueError(f"session_ttl_s must be >= 0, got {session_ttl_s}")
         # stderr by default: a server's stdout carries only its READY line.
         self.log = log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.device = pick_device(device)
@@ -119,6 +123,11 @@ class Engine:
             self.runner.bind_stream()
         self.alloc = BlockAllocator(kv_blocks, block_size, self.runner.max_blocks_per_seq)
         self.sessions: dict[str, Session] = {}
+        # A client that goes away without kv_free would keep its blocks for ever: when the arena
+        # is full, sessions idle for session_ttl_s or longer are freed (0: never).
+        self.session_ttl_s = session_ttl_s
+        self.clock = clock
+        self.reclaimed = 0
         self.wait_s = wait_s
         self.max_inflight = max_inflight
         self.graphs: Optional[GraphManager] = None
@@ -148,9 +157,36 @@ class Engine:
         if not isinstance(session, str) or not session:
             raise BadRequest("session must be a non-empty string")
         try:
-            return self.sessions[session]
+            s = self.sessions[session]
         except KeyError:
             raise UnknownSession(f"unknown session {session!r}") from None
+        s.last_used = self.clock()
+        return s
+
+    def _ensure_blocks(self, session: str, num_tokens: int) -> list[int]:
+        """alloc.ensure, reclaiming idle sessions (see session_ttl_s) when the arena is full."""
+        try:
+            return self.alloc.ensure(session, num_tokens)
+        except KVExhausted as e:
+            if not self._reclaim_idle(keep=session):
+                hint = (f"; no other session has been idle for {self.session_ttl_s:g} s, so none "
+                        "was reclaimed" if self.session_ttl_s else "; idle reclaim is off")
+                raise KVExhausted(f"{e}{hint}") from None
+        return self.alloc.ensure(session, num_tokens)
+
+    def _reclaim_idle(self, keep: str) -> int:
+        """Free every session but `keep` idle for session_ttl_s or longer; returns how many."""
+        if not self.session_ttl_s:
+            return 0
+        now = self.clock()
+        idle = [k for k, s in self.sessions.items()
+                if k != keep and now - s.last_used >= self.session_ttl_s]
+        for k in idle:
+            idle_s = now - self.sessions[k].last_used
+            freed = self.kv_free(k)["freed_blocks"]
+            self.log(f"reclaimed session {k!r}: idle {idle_s:.0f} s, {freed} KV blocks freed")
+        self.reclaimed += len(idle)
+        return len(idle)
 
     def _check_token(self, token, what: str) -> int:
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
@@ -187,8 +223,12 @@ class Engine:
     def status(self) -> dict:
         out = self.hello()
         out["kv"] = self.alloc.usage()
-        out["sessions"] = {k: {"length": s.length, "pending": s.pending}
+        now = self.clock()
+        out["sessions"] = {k: {"length": s.length, "pending": s.pending,
+                               "idle_s": round(now - s.last_used, 3)}
                            for k, s in self.sessions.items()}
+        out["session_ttl_s"] = self.session_ttl_s
+        out["sessions_reclaimed"] = self.reclaimed
         out["graphs"] = self.graphs.snapshot() if self.graphs else None
         if self.is_cuda:
             out["gpu_memory_allocated"] = torch.cuda.memory_allocated(self.device)
@@ -206,7 +246,7 @@ class Engine:
                              f"(max_len {self.max_len})")
         if session in self.sessions:      # re-initialising a session replaces it
             self.kv_free(session)
-        table = self.alloc.ensure(session, len(ids))
+        table = self._ensure_blocks(session, len(ids))
         if self.graphs:
             # Announce the length before prefill: the capture thread can work during it.
             self.graphs.note_length(session, len(ids) + 1)
@@ -220,7 +260,7 @@ class Engine:
             if self.graphs:
                 self.graphs.forget(session)
             raise
-        self.sessions[session] = Session(length=len(ids), logits=logits)
+        self.sessions[session] = Session(length=len(ids), logits=logits, last_used=self.clock())
         if self.graphs:
             self.graphs.note_length(session, len(ids) + 1)
         reply["length"] = len(ids)
@@ -230,7 +270,7 @@ class Engine:
         """One eager step on a client-chosen token; returns its logits (client-side sampling)."""
         s = self._session(session)
         tok = self._check_token(token, "token")
-        table = self.alloc.ensure(session, s.length + 1)
+        table = self._ensure_blocks(session, s.length + 1)
         with self.tracer.range("step"), self._on_replay_stream():
             self.runner.load_session(table, s.length, tok)
             self.runner.set_sampling(0.0, 0, 1.0, 0)
@@ -272,7 +312,7 @@ class Engine:
         if last_pos >= self.max_len:
             raise BadRequest(f"steps={steps} would run past max_len {self.max_len} "
                              f"(session length {s.length})")
-        table = self.alloc.ensure(session, last_pos)      # K/V up to position last_pos - 1
+        table = self._ensure_blocks(session, last_pos)    # K/V up to position last_pos - 1
         graph_steps = steps - 1 if sample_first else steps
         eager = fallbacks = 0
         stalls_before = self.graphs.stats.stalls if self.graphs else 0

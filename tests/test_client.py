@@ -214,12 +214,13 @@ def _sock_path(endpoint):
 
 
 def test_server_process_end_to_end():
-    sp = ServerProcess(extra_args=FAKE_ENGINE_ARGS + ["--device", "cpu", "--max-len", "77"], env=child_env(),
+    sp = ServerProcess(extra_args=FAKE_ENGINE_ARGS + ["--device", "cpu", "--max-len", "77",
+                                                        "--session-ttl", "5"], env=child_env(),
                        spawn_timeout_s=60.0, call_timeout_s=TIMEOUT_S)
     with sp as c:
         hello = c.hello()
         # Only the options given reach the engine; the CLI's own defaults for device/dtype always do.
-        assert hello["ctor_kwargs"] == {"device": "cpu", "dtype": "auto"}
+        assert hello["ctor_kwargs"] == {"device": "cpu", "dtype": "auto", "session_ttl_s": 5.0}
         assert hello["max_len"] == 77
         c.kv_init("s", [1, 2, 3])
         assert c.step("s", 4)["length"] == 4

@@ -156,3 +156,87 @@ def test_greedy_64_tokens_match_hf_generate(default_model_dir):
         eng.close()
     assert len(got) == 64
     assert got == want, f"first divergence at {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
+
+
+class _Clock:
+    """A hand-moved clock for the idle-session reclaim."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _ttl_engine(ttl, logs):
+    clock = _Clock()
+    eng = Engine(model="random:tiny", device="cpu", max_len=256, kv_blocks=24, block_size=16,
+                 session_ttl_s=ttl, clock=clock, log=logs.append)
+    return eng, clock
+
+
+def test_full_arena_reclaims_only_sessions_idle_past_the_ttl():
+    logs = []
+    eng, clock = _ttl_engine(60.0, logs)
+    try:
+        eng.kv_init("gone", list(range(1, 200)))        # 13 of 24 blocks
+        clock.t += 30
+        eng.kv_init("busy", list(range(1, 100)))        # 7 more: 4 free
+        ref = eng.replay_seq("busy", 4, sampling={"greedy": True})["tokens"]
+        eng.kv_free("busy")
+        eng.kv_init("busy", list(range(1, 100)))
+        clock.t += 45                                   # gone idle 75 s, busy 45 s
+        eng.kv_init("new", list(range(1, 200)))         # needs 13: only 'gone' may go
+        assert set(eng.sessions) == {"busy", "new"}
+        assert eng.status()["kv"]["blocks_used"] == 7 + 13
+        assert eng.status()["sessions_reclaimed"] == 1
+        assert any("reclaimed session 'gone'" in m and "13 KV blocks" in m for m in logs)
+        with pytest.raises(UnknownSession):
+            eng.replay_seq("gone", 1)
+        # the session that stayed is untouched by the reclaim
+        assert eng.replay_seq("busy", 4, sampling={"greedy": True})["tokens"] == ref
+    finally:
+        eng.close()
+
+
+def test_use_keeps_a_session_alive_and_growth_also_reclaims():
+    logs = []
+    eng, clock = _ttl_engine(60.0, logs)
+    try:
+        eng.kv_init("old", list(range(1, 120)))         # 8 blocks
+        eng.kv_init("idle", list(range(1, 120)))        # 8 blocks
+        eng.kv_init("grow", [5, 6, 7])                  # 1 block: 7 free
+        clock.t += 100
+        eng.replay_seq("old", 2, sampling={"greedy": True})   # used now: not idle any more
+        # status does not count as use
+        assert eng.status()["sessions"]["idle"]["idle_s"] == pytest.approx(100.0)
+        # 'grow' needs 150 tokens = 10 blocks (9 more, 7 free): the growth in replay_seq reclaims
+        # 'idle' (idle 100 s) and keeps 'old' (used just now).
+        out = eng.replay_seq("grow", 150, sampling={"greedy": True})
+        assert len(out["tokens"]) == 150
+        assert set(eng.sessions) == {"old", "grow"}
+        assert eng.reclaimed == 1
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("ttl", [60.0, 0.0])
+def test_exhaustion_without_an_idle_session_is_clean_and_says_why(ttl):
+    logs = []
+    eng, clock = _ttl_engine(ttl, logs)
+    try:
+        eng.kv_init("a", list(range(1, 200)))           # 13 of 24 blocks
+        clock.t += 59 if ttl else 10_000                # idle, but not past a 60 s ttl
+        usage = eng.alloc.usage()
+        hint = "none was reclaimed" if ttl else "idle reclaim is off"
+        with pytest.raises(KVExhausted, match=hint):
+            eng.kv_init("b", list(range(1, 200)))
+        assert eng.alloc.usage() == usage and set(eng.sessions) == {"a"}
+        assert eng.reclaimed == 0
+    finally:
+        eng.close()
+
+
+def test_negative_ttl_is_refused():
+    with pytest.raises(ValueError, match="session_ttl_s"):
+        Engine(model="random:tiny", device="cpu", max_len=64, session_ttl_s=-1.0, log=lambda m: None)
