@@ -449,6 +449,22 @@ def decode_reference(q, k_cache, v_cache, block_tables, positions, scale):
     return ref
 
 
+def check_decode(lengths, nq, nkv, d, dtype, block_size, max_len, spare_blocks, seed, tol):
+    """Rows of the given lengths on shuffled blocks, one launch sized for max_len, against the
+    reference."""
+    batch = len(lengths)
+    max_blocks = math.ceil(max_len / block_size)
+    num_blocks = batch * max_blocks + spare_blocks
+    k_cache, v_cache = make_cache(num_blocks, block_size, nkv, d, dtype, seed=seed)
+    block_tables = make_block_tables(batch, max_blocks, num_blocks, seed=seed + 1).to(DEV)
+    positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device=DEV)
+    q = randn(batch, nq, d, dtype=dtype, seed=seed + 2)
+    scale = 1.0 / math.sqrt(d)
+    out = run_decode(q, k_cache, v_cache, block_tables, positions, scale, max_len)
+    ref = decode_reference(q, k_cache, v_cache, block_tables, positions, scale)
+    torch.testing.assert_close(out.cpu(), ref, **tol[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("nq,nkv", HEADS, ids=HEAD_IDS)
 @pytest.mark.parametrize("d", [64, 128])
@@ -456,21 +472,11 @@ def decode_reference(q, k_cache, v_cache, block_tables, positions, scale):
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("bucket", [False, True], ids=["exact", "bucket"])
 def test_decode_attention(dtype, nq, nkv, d, length, block_size, bucket):
-    batch = 2
     # Row 0 has `length` tokens, row 1 a different (shorter) length.
     lengths = [length, max(1, (length * 2) // 3)]
     max_len = length + (123 if bucket else 0)
-    max_blocks = math.ceil(max_len / block_size)
-    num_blocks = batch * max_blocks + 3
-    k_cache, v_cache = make_cache(num_blocks, block_size, nkv, d, dtype, seed=40)
-    block_tables = make_block_tables(batch, max_blocks, num_blocks, seed=41).to(DEV)
-    positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device=DEV)
-    q = randn(batch, nq, d, dtype=dtype, seed=42)
-    scale = 1.0 / math.sqrt(d)
-    out = run_decode(q, k_cache, v_cache, block_tables, positions, scale, max_len)
-    ref = decode_reference(q, k_cache, v_cache, block_tables, positions, scale)
     tol = ATTN_TOL_LONG if length > 1024 else ATTN_TOL
-    torch.testing.assert_close(out.cpu(), ref, **tol[dtype])
+    check_decode(lengths, nq, nkv, d, dtype, block_size, max_len, 3, seed=40, tol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -478,31 +484,11 @@ def test_decode_attention(dtype, nq, nkv, d, length, block_size, bucket):
 def test_decode_attention_batch_rows(dtype, nq, nkv, d):
     # Several rows of very different lengths in one launch (different split coverage per row).
     lengths = [1, 700, 33, 2048, 16]
-    batch, block_size = len(lengths), 16
-    max_len = max(lengths)
-    max_blocks = math.ceil(max_len / block_size)
-    num_blocks = batch * max_blocks
-    k_cache, v_cache = make_cache(num_blocks, block_size, nkv, d, dtype, seed=43)
-    block_tables = make_block_tables(batch, max_blocks, num_blocks, seed=44).to(DEV)
-    positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device=DEV)
-    q = randn(batch, nq, d, dtype=dtype, seed=45)
-    scale = 1.0 / math.sqrt(d)
-    out = run_decode(q, k_cache, v_cache, block_tables, positions, scale, max_len)
-    ref = decode_reference(q, k_cache, v_cache, block_tables, positions, scale)
-    torch.testing.assert_close(out.cpu(), ref, **ATTN_TOL_LONG[dtype])
+    check_decode(lengths, nq, nkv, d, dtype, 16, max(lengths), 0, seed=43, tol=ATTN_TOL_LONG)
 
 
 def test_decode_attention_long_16k():
-    dtype, nq, nkv, d, block_size, length = torch.bfloat16, 32, 8, 128, 32, 16384
-    max_blocks = length // block_size
-    k_cache, v_cache = make_cache(max_blocks + 1, block_size, nkv, d, dtype, seed=46)
-    block_tables = make_block_tables(1, max_blocks, max_blocks + 1, seed=47).to(DEV)
-    positions = torch.tensor([length - 1], dtype=torch.int32, device=DEV)
-    q = randn(1, nq, d, dtype=dtype, seed=48)
-    scale = 1.0 / math.sqrt(d)
-    out = run_decode(q, k_cache, v_cache, block_tables, positions, scale, length)
-    ref = decode_reference(q, k_cache, v_cache, block_tables, positions, scale)
-    torch.testing.assert_close(out.cpu(), ref, **ATTN_TOL_LONG[dtype])
+    check_decode([16384], 32, 8, 128, torch.bfloat16, 32, 16384, 1, seed=46, tol=ATTN_TOL_LONG)
 
 
 def test_decode_attention_rejects_bad_max_len():

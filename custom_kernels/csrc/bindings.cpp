@@ -206,8 +206,14 @@ void embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
                op);
 }
 
-void rmsnorm(const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
-  const char* op = "rmsnorm";
+// The checks rmsnorm and add_rmsnorm share: x, out [..., H] and weight [H], one half dtype, one
+// device. Returns the dtype and (rows, H).
+struct NormSizes {
+  ck::DType dt;
+  int rows, H;
+};
+
+NormSizes check_norm(const Tensor& x, const Tensor& weight, const Tensor& out, const char* op) {
   const c10::Device device = out.device();
   check_cuda(out, op, "out", device);
   check_cuda(x, op, "x", device);
@@ -222,40 +228,33 @@ void rmsnorm(const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
               "], got ", weight.sizes());
   TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have x's sizes ", x.sizes(), ", got ",
               out.sizes());
+  return {dt, to_int(x.numel() / H, op, "rows"), to_int(H, op, "H")};
+}
+
+void rmsnorm(const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
+  const char* op = "rmsnorm";
+  const auto [dt, rows, H] = check_norm(x, weight, out, op);
+  const c10::Device device = out.device();
   c10::cuda::CUDAGuard guard(device);
   check_launch(ck::launch_rmsnorm(x.data_ptr(), weight.data_ptr(), static_cast<float>(eps),
-                                  out.data_ptr(), to_int(x.numel() / H, op, "rows"),
-                                  to_int(H, op, "H"), dt, current_stream(device)),
+                                  out.data_ptr(), rows, H, dt, current_stream(device)),
                op);
 }
 
 void add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, double eps,
                  Tensor& out) {
   const char* op = "add_rmsnorm";
+  const auto [dt, rows, H] = check_norm(x, weight, out, op);
   const c10::Device device = out.device();
-  check_cuda(out, op, "out", device);
-  check_cuda(x, op, "x", device);
   check_cuda(residual, op, "residual", device);
-  check_cuda(weight, op, "weight", device);
-  TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., H]");
-  const ck::DType dt = half_dtype(x, op, "x");
   check_dtype(residual, op, "residual", x.scalar_type());
-  check_dtype(weight, op, "weight", x.scalar_type());
-  check_dtype(out, op, "out", x.scalar_type());
-  const int64_t H = x.size(-1);
-  TORCH_CHECK(H > 0, op, ": hidden size must be > 0");
   TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's sizes ", x.sizes(),
               ", got ", residual.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must be [H] = [", H,
-              "], got ", weight.sizes());
-  TORCH_CHECK(out.sizes() == x.sizes(), op, ": out must have x's sizes ", x.sizes(), ", got ",
-              out.sizes());
   TORCH_CHECK(out.data_ptr() != residual.data_ptr() || out.numel() == 0, op,
               ": out must not alias residual");
   c10::cuda::CUDAGuard guard(device);
   check_launch(ck::launch_add_rmsnorm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
-                                      static_cast<float>(eps), out.data_ptr(),
-                                      to_int(x.numel() / H, op, "rows"), to_int(H, op, "H"), dt,
+                                      static_cast<float>(eps), out.data_ptr(), rows, H, dt,
                                       current_stream(device)),
                op);
 }
@@ -376,6 +375,29 @@ std::vector<int64_t> check_caches(const Tensor& k_cache, const Tensor& v_cache, 
   return {k_cache.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3)};
 }
 
+// The checks decode and prefill attention share: q and out [rows, nq, D] of one half dtype on the
+// cache's device, D the cache's head_dim.
+struct PagedQuery {
+  ck::DType dt;
+  int64_t rows, nq, nkv, D, BS;
+};
+
+PagedQuery check_paged_query(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                             const Tensor& out, const char* op, const char* q_shape) {
+  const c10::Device device = out.device();
+  check_cuda(out, op, "out", device);
+  check_cuda(q, op, "q", device);
+  const ck::DType dt = half_dtype(q, op, "q");
+  check_dtype(out, op, "out", q.scalar_type());
+  const auto c = check_caches(k_cache, v_cache, q, op, device);
+  check_dim(q, op, "q", 3, q_shape);
+  const int64_t D = c[3];
+  TORCH_CHECK(q.size(2) == D, op, ": q head_dim ", q.size(2), " differs from the cache's ", D);
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's sizes ", q.sizes(), ", got ",
+              out.sizes());
+  return {dt, q.size(0), q.size(1), c[2], D, c[1]};
+}
+
 void rope_kv_write(const Tensor& qkv, const Tensor& positions, const Tensor& cos,
                    const Tensor& sin, Tensor& k_cache, Tensor& v_cache, const Tensor& block_table,
                    Tensor& q_out) {
@@ -429,22 +451,13 @@ void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
                       Tensor& out, const std::optional<Tensor>& workspace, int64_t max_len) {
   const char* op = "decode_attention";
   const c10::Device device = out.device();
-  check_cuda(out, op, "out", device);
-  check_cuda(q, op, "q", device);
+  const auto [dt, B, nq, nkv, D, BS] =
+      check_paged_query(q, k_cache, v_cache, out, op, "[B, nq, D]");
   check_cuda(block_tables, op, "block_tables", device);
   check_cuda(positions, op, "positions", device);
-  const ck::DType dt = half_dtype(q, op, "q");
-  check_dtype(out, op, "out", q.scalar_type());
-  const auto c = check_caches(k_cache, v_cache, q, op, device);
-  const int64_t BS = c[1], nkv = c[2], D = c[3];
-  check_dim(q, op, "q", 3, "[B, nq, D]");
-  const int64_t B = q.size(0), nq = q.size(1);
-  TORCH_CHECK(q.size(2) == D, op, ": q head_dim ", q.size(2), " differs from the cache's ", D);
   TORCH_CHECK(D == 64 || D == 128 || D == 256, op, ": head_dim must be 64, 128 or 256, got ", D);
   TORCH_CHECK(nkv > 0 && nq % nkv == 0 && nq / nkv >= 1 && nq / nkv <= 8, op,
               ": nq / nkv must be an integer group size in 1..8; got nq = ", nq, ", nkv = ", nkv);
-  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's sizes ", q.sizes(), ", got ",
-              out.sizes());
   check_dtype(block_tables, op, "block_tables", at::kInt);
   check_dim(block_tables, op, "block_tables", 2, "[B, MB]");
   TORCH_CHECK(block_tables.size(0) == B && block_tables.size(1) > 0, op,
@@ -510,21 +523,12 @@ void prefill_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
                        const Tensor& block_table, int64_t start_pos, double scale, Tensor& out) {
   const char* op = "prefill_attention";
   const c10::Device device = out.device();
-  check_cuda(out, op, "out", device);
-  check_cuda(q, op, "q", device);
+  const auto [dt, T, nq, nkv, D, BS] =
+      check_paged_query(q, k_cache, v_cache, out, op, "[T, nq, D]");
   check_cuda(block_table, op, "block_table", device);
-  const ck::DType dt = half_dtype(q, op, "q");
-  check_dtype(out, op, "out", q.scalar_type());
-  const auto c = check_caches(k_cache, v_cache, q, op, device);
-  const int64_t BS = c[1], nkv = c[2], D = c[3];
-  check_dim(q, op, "q", 3, "[T, nq, D]");
-  const int64_t T = q.size(0), nq = q.size(1);
-  TORCH_CHECK(q.size(2) == D, op, ": q head_dim ", q.size(2), " differs from the cache's ", D);
   TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
   TORCH_CHECK(nkv > 0 && nq % nkv == 0, op, ": nq (", nq, ") must be a multiple of nkv (", nkv,
               ")");
-  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's sizes ", q.sizes(), ", got ",
-              out.sizes());
   check_dtype(block_table, op, "block_table", at::kInt);
   check_dim(block_table, op, "block_table", 1, "[MB]");
   TORCH_CHECK(start_pos >= 0, op, ": start_pos must be >= 0, got ", start_pos);
