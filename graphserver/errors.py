@@ -20,3 +20,19 @@ class KVExhausted(EngineError):
 
 class Unavailable(EngineError):
     """The feature does not exist on this backend (e.g. CUDA graphs on the CPU)."""
+
+
+class Overloaded(EngineError):
+    """The waiting queue is full: the request was not admitted. Retry later, or lower the load."""
+
+
+class ShuttingDown(EngineError):
+    """The server is stopping: queued requests are answered with this instead of being dropped."""
+
+
+class Unauthorized(EngineError):
+    """The request's `auth` token is missing or wrong (servers bound beyond loopback require one)."""
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline_s passed before the work finished (its partial state was freed)."""

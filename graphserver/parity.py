@@ -18,7 +18,7 @@ from custom_kernels.weights import load_weights
 
 from .config import RANDOM_SHAPES, ModelConfig
 from .kv import BlockAllocator
-from .model import ModelRunner
+from .worker.model_runner import ModelRunner
 from .prepare import resolve_model
 
 # Relative-error limits ||ours - hf|| / ||hf|| per dtype. In half precision HF rounds between ops

@@ -3,9 +3,23 @@
 Torch-free on purpose, so the client can import it without pulling in the server's dependencies.
 
 Message shapes (msgpack maps):
-    request: {"id": int | str, "method": str, "params": map}
-    reply:   {"id": <echoed, or None when the request's id could not be read>, "ok": true,  "result": ...}
+    request: {"id": int | str, "method": str, "params": map, "auth"?: str}
+    reply:   {"id": <echoed, or None when the request's id could not be read>, "ok": true,  "result": ...,
+              "more"?: true}
              {"id": ..., "ok": false, "error": {"type": <exception class name>, "message": str}}
+
+`auth` is the shared token a server bound to a non-loopback address requires on every request.
+A streamed method (`generate` with stream=true) answers one request with several replies of the same
+id: every one but the last carries "more": true.
+
+generate streaming (see GENERATE_RESULT_KEYS): each reply's result is
+    {"request_id": str, "tokens": [new ids since the previous reply], "finished": bool,
+     "finish_reason": None | "stop" | "length" | "abort", "model_version": str,
+     and, on the last reply only: "usage": {"prompt_tokens", "completion_tokens"},
+                                  "metrics": {"queue_ms", "ttft_ms", "e2e_ms"}}
+finish_reason "stop": a stop token (stop_token_ids, or the model's EOS unless ignore_eos) was produced;
+it is the last of `tokens`. "length": max_tokens reached, or the sequence reached max_len. "abort": an
+`abort`, the request's deadline_s passed, or the server is shutting down.
 
 Arrays travel as {"__nd__": True, "dtype": str, "shape": [int, ...], "data": bytes} (little-endian, C order).
 """
@@ -32,6 +46,11 @@ DEFAULT_CAPTURE_BEHIND = 2  # graphs kept behind it before eviction
 DEFAULT_PRECAPTURE_TIMEOUT_S = 30.0
 MAX_NESTING = 32  # deepest structure unpack_arrays walks; messages are shallow, anything deeper is hostile
 READY_PREFIX = "READY "  # the server prints "READY <endpoint>" on stdout once it serves
+PROTOCOL_VERSION = 2  # hello reports it; 2 added generate / abort / reload and streamed replies
+FINISH_REASONS = ("stop", "length", "abort")
+MAX_REQUEST_ID_LEN = 256  # request ids and session names longer than this are refused
+DEFAULT_MAX_TOKENS = 16
+DEFAULT_RELOAD_DRAIN_S = 60.0
 
 ARRAY_TAG = "__nd__"
 # Dtypes accepted on the wire. bfloat16 has no numpy dtype, so senders widen it to float32 (pack_array).
@@ -176,8 +195,12 @@ def make_request(msg_id: int | str, method: str, params: Mapping[str, Any] | Non
     return {"id": msg_id, "method": method, "params": dict(params or {})}
 
 
-def make_ok(msg_id: Any, result: Any) -> dict:
-    return {"id": msg_id, "ok": True, "result": result}
+def make_ok(msg_id: Any, result: Any, more: bool = False) -> dict:
+    """A success reply; more=True marks a streamed reply that later ones of the same id follow."""
+    reply = {"id": msg_id, "ok": True, "result": result}
+    if more:
+        reply["more"] = True
+    return reply
 
 
 def make_error(msg_id: Any, type_name: str, message: str) -> dict:
@@ -198,7 +221,7 @@ def parse_request(obj: Any) -> tuple[int | str, str, dict]:
     msg_id = obj.get("id")
     if not _is_valid_id(msg_id):
         raise ProtocolError(f"request 'id' must be an int or str, got {type(msg_id).__name__}")
-    unknown = set(obj) - {"id", "method", "params"}
+    unknown = set(obj) - {"id", "method", "params", "auth"}
     if unknown:
         raise ProtocolError(f"unknown request keys {sorted(unknown)}", msg_id)
     method = obj.get("method")
@@ -216,8 +239,20 @@ def parse_request(obj: Any) -> tuple[int | str, str, dict]:
     return msg_id, method, params
 
 
+def request_auth(obj: Any) -> str | None:
+    """The `auth` token of a decoded request map (None when absent or not a str)."""
+    tok = obj.get("auth") if isinstance(obj, dict) else None
+    return tok if isinstance(tok, str) else None
+
+
+def reply_has_more(obj: Any) -> bool:
+    """True for a streamed reply that more replies of the same id follow."""
+    return isinstance(obj, dict) and obj.get("more") is True
+
+
 def parse_reply(obj: Any) -> tuple[Any, bool, Any]:
-    """Decoded reply -> (id, ok, result or {"type", "message"}). Raises ProtocolError."""
+    """Decoded reply -> (id, ok, result or {"type", "message"}). Raises ProtocolError.
+    (A streamed reply's "more" flag is read with reply_has_more.)"""
     if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool) or "id" not in obj:
         raise ProtocolError("reply must be a map with 'id' and a bool 'ok'")
     if obj["ok"]:
@@ -269,6 +304,10 @@ def _check_float(method: str, name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise BadRequest(f"{method}: param {name!r} must be a number, got {_type_name(v)}")
     return float(v)
+
+
+def _check_opt_float(method: str, name: str, v: Any) -> float | None:
+    return None if v is None else _check_float(method, name, v)
 
 
 def _check_str(method: str, name: str, v: Any) -> str:
@@ -335,6 +374,7 @@ _CHECKERS: Mapping[str, Callable[[str, str, Any], Any]] = MappingProxyType(
         "int": _check_int,
         "opt_int": _check_opt_int,
         "float": _check_float,
+        "opt_float": _check_opt_float,
         "str": _check_str,
         "bool": _check_bool,
         "int_list": _check_int_list,
@@ -358,7 +398,14 @@ def _methods(*ms: Method) -> Mapping[str, Method]:
 METHODS: Mapping[str, Method] = _methods(
     Method("hello"),
     Method("status"),
-    Method("kv_init", (Param("session", "str"), Param("input_ids", "int_list"), Param("top_k", "opt_int", None))),
+    # replace: a kv_init on a live session name is refused unless the caller asks to replace it.
+    # deadline_s (kv_init, replay_seq, generate): the client's timeout; past it the server stops the
+    # work (kv_init frees the half-built session, replay_seq returns what it has, stopped "deadline").
+    Method(
+        "kv_init",
+        (Param("session", "str"), Param("input_ids", "int_list"), Param("top_k", "opt_int", None),
+         Param("replace", "bool", False), Param("deadline_s", "opt_float", None)),
+    ),
     Method(
         "bg_capture_start",
         (Param("ahead", "int", DEFAULT_CAPTURE_AHEAD), Param("behind", "int", DEFAULT_CAPTURE_BEHIND)),
@@ -376,12 +423,37 @@ METHODS: Mapping[str, Method] = _methods(
             Param("start_token", "opt_int", None),
             Param("sampling", "sampling", MappingProxyType({})),
             Param("stop_token_ids", "int_list", ()),
+            Param("deadline_s", "opt_float", None),
         ),
     ),
     Method("step", (Param("session", "str"), Param("token", "int"))),
     Method("kv_free", (Param("session", "str"),)),
+    # Continuous batching: requests share the batched step with every other running request.
+    Method(
+        "generate",
+        (
+            Param("request_id", "str"),
+            Param("prompt_ids", "int_list"),
+            Param("max_tokens", "int", DEFAULT_MAX_TOKENS),
+            Param("sampling", "sampling", MappingProxyType({})),
+            Param("stop_token_ids", "int_list", ()),
+            Param("ignore_eos", "bool", False),
+            Param("stream", "bool", True),
+            # The client's own timeout: past it the server aborts the request (finish_reason "abort").
+            Param("deadline_s", "opt_float", None),
+        ),
+    ),
+    Method("abort", (Param("request_id", "str"),)),
+    Method(
+        "reload",
+        (Param("path", "str"), Param("version", "str"),
+         Param("drain_timeout_s", "float", DEFAULT_RELOAD_DRAIN_S)),
+    ),
     Method("stop"),
 )
+
+# Methods whose one request may get several replies (generate with stream=true).
+STREAMED_METHODS = frozenset({"generate"})
 
 
 def validate_params(method: str, params: Any) -> dict:

@@ -101,7 +101,8 @@ class FakeEngine:
         except KeyError:
             raise UnknownSession(f"no session {session!r}") from None
 
-    def kv_init(self, session: str, input_ids: list[int], top_k: int | None) -> dict:
+    def kv_init(self, session: str, input_ids: list[int], top_k: int | None, replace: bool = False,
+                deadline_s: float | None = None) -> dict:
         self._record("kv_init", session=session, input_ids=input_ids, top_k=top_k)
         if not input_ids:
             raise BadRequest("input_ids is empty")
@@ -123,7 +124,7 @@ class FakeEngine:
         return {"logits": self._logits(token), "length": len(ids)}
 
     def replay_seq(self, session: str, steps: int, start_token: int | None, sampling: dict,
-                   stop_token_ids: list[int]) -> dict:
+                   stop_token_ids: list[int], deadline_s: float | None = None) -> dict:
         self._record("replay_seq", session=session, steps=steps, start_token=start_token, sampling=sampling,
                      stop_token_ids=stop_token_ids)
         if steps < 1:
@@ -143,6 +144,44 @@ class FakeEngine:
                 break
         return {"tokens": tokens, "timing": {"ms_per_step_p50": 0.0}, "stalls": 0, "fallbacks": 0,
                 "stopped": stopped}
+
+    # -- continuous batching (a synchronous stand-in: every reply is sent at once) -----------
+
+    def generate(self, reply, request_id: str, prompt_ids: list[int], max_tokens: int, sampling: dict,
+                 stop_token_ids: list[int], ignore_eos: bool, stream: bool, deadline_s: float | None) -> None:
+        self._record("generate", request_id=request_id, prompt_ids=prompt_ids, max_tokens=max_tokens,
+                     sampling=sampling, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, stream=stream,
+                     deadline_s=deadline_s)
+        if not prompt_ids:
+            raise BadRequest("prompt_ids is empty")
+        for i, t in enumerate(prompt_ids):
+            self._check_token(t, f"prompt_ids[{i}]")
+        stops = set(stop_token_ids) | (set() if ignore_eos else set(self.eos_token_ids))
+        toks, last, reason = [], prompt_ids[-1], "length"
+        for _ in range(max_tokens):
+            last = next_token(last, self.vocab_size)
+            toks.append(last)
+            if last in stops:
+                reason = "stop"
+                break
+        base = {"request_id": request_id, "model_version": getattr(self, "model_version", "0")}
+        if stream:
+            for t in toks[:-1]:
+                reply(dict(base, tokens=[t], finished=False, finish_reason=None), more=True)
+        final = toks[-1:] if stream else toks
+        reply(dict(base, tokens=final, finished=True, finish_reason=reason,
+                   usage={"prompt_tokens": len(prompt_ids), "completion_tokens": len(toks)}))
+
+    def abort(self, request_id: str) -> dict:
+        self._record("abort", request_id=request_id)
+        return {"aborted": False}        # every fake request finishes inside generate()
+
+    def reload(self, reply, reply_error, path: str, version: str, drain_timeout_s: float) -> None:
+        self._record("reload", path=path, version=version, drain_timeout_s=drain_timeout_s)
+        if not os.path.isdir(path):
+            raise BadRequest(f"reload: {path!r} is not a directory")
+        previous, self.model_version = getattr(self, "model_version", "0"), version
+        reply({"model_version": version, "previous_version": previous})
 
     def kv_free(self, session: str) -> dict:
         self._record("kv_free", session=session)

@@ -25,7 +25,7 @@ def test_kv_init_returns_logits_and_length(tiny):
     out = _fresh(tiny, "a", [5, 9, 3, 7])
     assert out["length"] == 4
     assert out["logits"].shape == (tiny.cfg.vocab_size,)
-    top = tiny.kv_init("a", [5, 9, 3, 7], top_k=5)
+    top = tiny.kv_init("a", [5, 9, 3, 7], top_k=5, replace=True)
     assert list(top["top_ids"]) == list(torch.topk(torch.from_numpy(out["logits"]), 5).indices)
 
 
@@ -61,7 +61,7 @@ def test_step_matches_replay_logits(tiny):
     _fresh(tiny, "b", [8, 6, 4, t1])
     assert s["length"] == 4
     torch.testing.assert_close(torch.from_numpy(s["logits"]),
-                               torch.from_numpy(tiny.kv_init("b", [8, 6, 4, t1])["logits"]),
+                               torch.from_numpy(tiny.kv_init("b", [8, 6, 4, t1], replace=True)["logits"]),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -215,7 +215,7 @@ def test_use_keeps_a_session_alive_and_growth_also_reclaims():
         out = eng.replay_seq("grow", 150, sampling={"greedy": True})
         assert len(out["tokens"]) == 150
         assert set(eng.sessions) == {"old", "grow"}
-        assert eng.reclaimed == 1
+        assert eng.status()["sessions_reclaimed"] == 1
     finally:
         eng.close()
 
@@ -232,7 +232,7 @@ def test_exhaustion_without_an_idle_session_is_clean_and_says_why(ttl):
         with pytest.raises(KVExhausted, match=hint):
             eng.kv_init("b", list(range(1, 200)))
         assert eng.alloc.usage() == usage and set(eng.sessions) == {"a"}
-        assert eng.reclaimed == 0
+        assert eng.status()["sessions_reclaimed"] == 0
     finally:
         eng.close()
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from graphserver.graphs import GraphManager, percentile
+from graphserver.worker.graphs import GraphManager, percentile
 
 GATE_S = 5.0       # the longest a gated capture ever blocks
 POLL_S = 3.0       # the longest a test polls for the capture thread to react

@@ -1,4 +1,4 @@
-"""Paged-KV bookkeeping: graphserver/kv.py's BlockAllocator (torch-free) and KVArena."""
+"""Paged-KV bookkeeping: core/block_allocator.py (torch-free) and worker/kv_arena.py."""
 from __future__ import annotations
 
 import random
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from graphserver.errors import BadRequest, EngineError, KVExhausted, UnknownSession
-from graphserver.kv import BlockAllocator, KVArena, blocks_for
+from graphserver.core.block_allocator import BlockAllocator, blocks_for
+from graphserver.worker.kv_arena import KVArena
 
 
 def state(alloc: BlockAllocator) -> tuple:
@@ -24,7 +25,7 @@ def assert_invariants(alloc: BlockAllocator) -> None:
     u = alloc.usage()
     assert u["blocks_used"] == len(owned)
     assert u["blocks_used"] + u["blocks_free"] == u["blocks_total"] == alloc.num_blocks
-    assert u["sessions"] == len(tables)
+    assert u["owners"] == len(tables)
     for t in tables.values():
         assert len(t) <= alloc.max_blocks_per_seq
 
@@ -61,14 +62,14 @@ def test_allocate_and_grow_keeps_the_prefix():
     assert list(a.ensure("s", 2)) == t3                 # never shrinks
     assert a.table("s") == t3
     assert a.usage() == {"blocks_total": 10, "blocks_used": 4, "blocks_free": 6,
-                         "block_size": 4, "sessions": 1}
+                         "block_size": 4, "owners": 1, "usage": 0.4}
     assert_invariants(a)
 
 
 def test_ensure_zero_tokens_creates_empty_session():
     a = BlockAllocator(4, 8, 4)
     assert a.ensure("s", 0) == []
-    assert a.has("s") and a.usage()["blocks_used"] == 0 and a.usage()["sessions"] == 1
+    assert a.has("s") and a.usage()["blocks_used"] == 0 and a.usage()["owners"] == 1
     assert a.free("s") == 0
 
 
@@ -88,7 +89,7 @@ def test_interleaved_sessions_free_middle_and_reuse():
     assert not a.has("b")
     with pytest.raises(UnknownSession):
         a.table("b")
-    assert a.usage()["blocks_used"] == 5 and a.usage()["sessions"] == 2
+    assert a.usage()["blocks_used"] == 5 and a.usage()["owners"] == 2
     assert a.table("a") == a_before and a.table("c") == c_before   # others untouched
 
     # The most recently freed blocks are reused first (documented policy), so d gets b's blocks.
@@ -118,7 +119,7 @@ def test_free_returns_count_and_session_can_be_recreated():
     a = BlockAllocator(6, 4, 6)
     a.ensure("s", 10)
     assert a.free("s") == 3
-    assert a.usage()["blocks_free"] == 6 and a.usage()["sessions"] == 0
+    assert a.usage()["blocks_free"] == 6 and a.usage()["owners"] == 0
     assert len(a.ensure("s", 1)) == 1                   # a fresh, one-block table
     assert_invariants(a)
 

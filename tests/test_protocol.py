@@ -182,14 +182,19 @@ def test_error_type_name_is_the_class_name():
 
 def test_methods_table_is_the_documented_surface():
     assert set(METHODS) == {"hello", "status", "kv_init", "bg_capture_start", "wait_precapture",
-                            "bg_capture_stop", "replay_seq", "step", "kv_free", "stop"}
+                            "bg_capture_stop", "replay_seq", "step", "kv_free", "generate",
+                            "abort", "reload", "stop"}
+
+
+# Streamed and deferred methods (generate, reload) take the server's reply callbacks first.
+CALLBACKS = ("self", "reply", "reply_error")
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"stop"}))
 def test_fake_engine_matches_methods(name):
     # The server calls engine.<method>(**validated params): the signature must take exactly these.
     sig = inspect.signature(getattr(FakeEngine, name))
-    assert [p for p in sig.parameters if p != "self"] == [p.name for p in METHODS[name].params]
+    assert [p for p in sig.parameters if p not in CALLBACKS] == [p.name for p in METHODS[name].params]
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"stop"}))
@@ -198,7 +203,7 @@ def test_real_engine_accepts_methods(name):
     # since the server never passes them.
     engine_mod = pytest.importorskip("graphserver.engine")
     sig = inspect.signature(getattr(engine_mod.Engine, name))
-    engine_params = {k: p for k, p in sig.parameters.items() if k != "self"}
+    engine_params = {k: p for k, p in sig.parameters.items() if k not in CALLBACKS}
     wire = [p.name for p in METHODS[name].params]
     assert set(wire) <= set(engine_params), f"Engine.{name} lacks {set(wire) - set(engine_params)}"
     extra = [k for k, p in engine_params.items() if k not in wire and p.default is inspect.Parameter.empty]
@@ -208,12 +213,12 @@ def test_real_engine_accepts_methods(name):
 def test_defaults_are_filled_and_normalized():
     assert validate_params("hello", None) == {}
     assert validate_params("kv_init", {"session": "s", "input_ids": [1, 2]}) == {
-        "session": "s", "input_ids": [1, 2], "top_k": None}
+        "session": "s", "input_ids": [1, 2], "top_k": None, "replace": False, "deadline_s": None}
     assert validate_params("bg_capture_start", {}) == {
         "ahead": protocol.DEFAULT_CAPTURE_AHEAD, "behind": protocol.DEFAULT_CAPTURE_BEHIND}
     assert validate_params("wait_precapture", {"min_ahead": 4, "timeout_s": 2}) == {"min_ahead": 4, "timeout_s": 2.0}
     r = validate_params("replay_seq", {"session": "s", "steps": 8})
-    assert r == {"session": "s", "steps": 8, "start_token": None, "stop_token_ids": [],
+    assert r == {"session": "s", "steps": 8, "start_token": None, "stop_token_ids": [], "deadline_s": None,
                  "sampling": {"greedy": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}}
 
 

@@ -19,7 +19,7 @@ def test_ranges_are_emitted(monkeypatch):
     monkeypatch.setattr(tracer._domain, "pop_range", lambda *a, **k: popped.append(1))
     eng = Engine(model="random:tiny", device="cpu", max_len=128, kv_blocks=16,
                  log=lambda m: None)
-    eng.tracer = tracer
+    eng.core.tracer = tracer
     try:
         eng.kv_init("s", [1, 2, 3])
         eng.replay_seq("s", 4, sampling={"greedy": True})
@@ -31,15 +31,15 @@ def test_ranges_are_emitted(monkeypatch):
 
 
 def test_server_wraps_every_rpc_in_a_range(monkeypatch):
-    from graphserver.server import RPCServer
+    from graphserver.engine.proc import EngineProc, Inbound
     from fake_engine import FakeEngine
     names = []
-    srv = RPCServer(FakeEngine(), "inproc://tracing-test")
+    srv = EngineProc(FakeEngine(), "inproc://tracing-test")
     monkeypatch.setattr(srv._tracer._domain, "push_range", lambda message=None, **k: names.append(message))
     monkeypatch.setattr(srv._tracer._domain, "pop_range", lambda *a, **k: None)
-    srv._dispatch("hello", {})
+    srv._handle(Inbound([b"peer"], 1, "status", {}, 0.0))
     srv.close()
-    assert names == ["rpc hello"]
+    assert names == ["rpc status"]
 
 
 def test_torch_profile_trace_on_cpu(tmp_path):

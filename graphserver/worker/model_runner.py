@@ -1,14 +1,16 @@
-"""The model runner: the decode step and prefill, written once against custom_kernels.ops and
-preallocated buffers.
+"""The model runner: the decode steps and prefill, written once against custom_kernels.ops and
+preallocated buffers. It knows nothing of requests or sessions.
 
-Every tensor the decode step touches is allocated here, up front: the weights (one arena), the KV
-arena, the static I/O buffers a replayed graph reads and writes, and the scratch activations. The
-step itself allocates nothing and never reads device memory on the host, so it can be captured into
-a CUDA graph; on the CPU the same code runs on the reference ops.
+Every tensor a step touches is allocated here, up front: the weights (one arena), the KV arena,
+the static I/O buffers a replayed graph reads and writes (batch-1 `io` for session replays, the
+batched rows of `batch` for continuous batching), and the scratch activations. A step allocates
+nothing and never reads device memory on the host, so it can be captured into a CUDA graph; on the
+CPU the same code runs on the reference ops.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -17,8 +19,11 @@ import torch
 from custom_kernels import ops
 from custom_kernels.reference import rope_tables
 
-from .config import ModelConfig, inv_freq
-from .kv import KVArena, blocks_for
+from ..config import ModelConfig, inv_freq
+from ..core.block_allocator import blocks_for
+from ..errors import DeadlineExceeded
+from .input_batch import InputBatch
+from .kv_arena import KVArena
 
 # A probe sees intermediates of an eager step (parity scripts): probe(name, layer, tensor).
 Probe = Optional[Callable[[str, int, torch.Tensor], None]]
@@ -61,7 +66,9 @@ class ModelRunner:
     """Owns the device state of one model and runs its steps on the current stream."""
 
     def __init__(self, cfg: ModelConfig, weights, *, max_len: int, kv_blocks: int, block_size: int,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, max_num_seqs: int = 1, batch_invariant: bool = True):
+        """max_num_seqs: rows of the batched decode step (`batch`). batch_invariant: the batched
+        step's GEMMs give each row the bits it would get alone (see decode_batch)."""
         self.cfg = cfg
         self.w = weights
         self.dtype = weights.embed.dtype
@@ -70,6 +77,8 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = blocks_for(max_len, block_size)
         self.prefill_chunk = prefill_chunk
+        self.max_num_seqs = max_num_seqs
+        self.batch_invariant = batch_invariant
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         dev, dt = self.device, self.dtype
 
@@ -87,9 +96,14 @@ class ModelRunner:
             seed=torch.zeros(1, dtype=torch.int64, device=dev),
             token_hist=torch.zeros(1, max_len + 1, **i32),
             logits=torch.empty(1, cfg.vocab_size, dtype=dt, device=dev))
-        c, h = prefill_chunk, cfg.hidden_size
+        # One prefill chunk's table (batched engine); sessions' prefill uses io.block_table.
+        self.chunk_table = torch.zeros(self.max_blocks_per_seq, **i32)        # [MB]
+        self.batch = InputBatch(max_num_seqs, self.max_blocks_per_seq, max_len, cfg.vocab_size,
+                                dt, dev)
+        c, h = max(prefill_chunk, max_num_seqs), cfg.hidden_size
         nq, d, inter = cfg.num_heads, cfg.head_dim, cfg.intermediate_size
-        ws = ops.attention_workspace_numel(1, nq, d, max_len) if dev.type == "cuda" else 0
+        ws = max(ops.attention_workspace_numel(b, nq, d, max_len) for b in (1, max_num_seqs)) \
+            if dev.type == "cuda" else 0
         self.scratch = Scratch(
             ids=torch.zeros(c, **i32), positions=torch.zeros(c, **i32),
             residual=torch.empty(c, h, dtype=dt, device=dev),
@@ -113,10 +127,13 @@ class ModelRunner:
     # ------------------------------------------------------------------ the layers
 
     def _layers(self, n: int, attend: Callable[[int, torch.Tensor, torch.Tensor], None],
-                positions: torch.Tensor, block_table: torch.Tensor, probe: Probe) -> torch.Tensor:
+                positions: torch.Tensor, block_table: torch.Tensor, probe: Probe,
+                linear=ops.linear, swiglu_linear=ops.swiglu_linear) -> torch.Tensor:
         """Run every layer over n tokens whose embeddings are in scratch.residual[:n].
 
         attend(layer, q [n, nq, D], out [n, nq, D]) is the attention variant (decode or prefill).
+        positions [n] int32; block_table [MB] (one sequence) or [n, MB] (row t: token t's table).
+        linear / swiglu_linear: the GEMM ops (the batched step passes batch-invariant ones).
         Returns normed [n, H], the final-norm output.
         """
         cfg, s, eps = self.cfg, self.scratch, self.cfg.rms_norm_eps
@@ -130,7 +147,7 @@ class ModelRunner:
                 ops.add_rmsnorm(proj, residual, lw.ln1, eps, normed)
                 if probe:
                     probe("layer_out", i - 1, residual)
-            ops.linear(normed, lw.wqkv, qkv)
+            linear(normed, lw.wqkv, qkv)
             if probe:
                 probe("qkv", i, qkv)
             ops.rope_kv_write(qkv, positions, self.cos, self.sin, self.kv.k(i), self.kv.v(i),
@@ -140,16 +157,16 @@ class ModelRunner:
             attend(i, q, attn)
             if probe:
                 probe("attn", i, attn)
-            ops.linear(attn.view(n, cfg.q_size), lw.wo, proj)
+            linear(attn.view(n, cfg.q_size), lw.wo, proj)
             if probe:
                 probe("o_proj", i, proj)
             ops.add_rmsnorm(proj, residual, lw.ln2, eps, normed)
             if probe:
                 probe("resid_mid", i, residual)
-            ops.linear(normed, lw.w13, gate_up)
+            linear(normed, lw.w13, gate_up)
             # SwiGLU + down projection: one fused kernel at decode sizes (n <= 8 on CUDA);
             # swiglu into `act` then linear elsewhere (CPU, prefill chunks): same results.
-            ops.swiglu_linear(gate_up, lw.w2, proj, act)
+            swiglu_linear(gate_up, lw.w2, proj, act)
             if probe:
                 probe("mlp", i, proj)
         ops.add_rmsnorm(proj, residual, self.w.norm, eps, normed)
@@ -185,6 +202,63 @@ class ModelRunner:
         arguments (lengths are read from io.position on the device)."""
         return (ops.decode_attention_splits(1, self.cfg.num_kv_heads, attn_max_len),)
 
+    # ------------------------------------------------------------------ batched decode
+
+    def _batch_gemms(self):
+        """The GEMM ops of the batched step. Batch-invariant ones give row b the same bits
+        whatever the bucket (so a request's tokens do not depend on what else runs); else the
+        fastest (GEMV up to 8 rows, cuBLAS above)."""
+        if self.batch_invariant and hasattr(ops, "linear_invariant"):
+            return ops.linear_invariant, ops.swiglu_linear_invariant
+        return ops.linear, ops.swiglu_linear
+
+    def decode_batch(self, bucket: int, attn_max_len: int, probe: Probe = None) -> None:
+        """One decode step of rows [0, bucket) of `batch`: token_in at position -> logits ->
+        sampled into token_in (position advanced). Rows with position < 0 are padding.
+
+        attn_max_len bounds the longest row (it sizes the attention grid); every row's own length
+        is read from batch.position on the device. Graph-capturable.
+        """
+        b, s = self.batch.dev, self.scratch
+        n = bucket
+        ops.embedding(b.token_in[:n], self.w.embed, s.residual[:n])
+        pos, tables = b.position[:n], b.block_table[:n]
+
+        def attend(layer, q, out):
+            ops.decode_attention(q, self.kv.k(layer), self.kv.v(layer), tables, pos, self.scale,
+                                 out, s.attn_workspace, attn_max_len)
+
+        linear, swiglu_linear = self._batch_gemms()
+        normed = self._layers(n, attend, pos, tables, probe, linear, swiglu_linear)
+        linear(normed, self.w.lm_head, b.logits[:n])
+        ops.sample(b.logits[:n], b.temperature[:n], b.top_k[:n], b.top_p[:n], b.seed[:n], pos,
+                   b.token_in[:n], b.token_hist[:n])
+
+    def batch_signature(self, bucket: int, attn_max_len: int) -> tuple:
+        """What of decode_batch's launches depends on its arguments: the bucket and the attention
+        split count (lengths are read on the device). Equal signatures, identical graphs."""
+        return (bucket, ops.decode_attention_splits(bucket, self.cfg.num_kv_heads, attn_max_len))
+
+    def prefill_kv(self, input_ids: list[int], start_pos: int, block_table: list[int]) -> None:
+        """Write the K/V of input_ids at positions start_pos.. (one chunk of one request; no
+        logits). block_table must already cover start_pos + len(input_ids) tokens."""
+        s, n, dev = self.scratch, len(input_ids), self.device
+        if n > s.ids.numel():
+            raise ValueError(f"a prefill chunk of {n} tokens exceeds the scratch ({s.ids.numel()})")
+        self.chunk_table[: len(block_table)].copy_(torch.tensor(block_table, dtype=torch.int32),
+                                                   non_blocking=True)
+        s.ids[:n].copy_(torch.tensor(input_ids, dtype=torch.int32), non_blocking=True)
+        s.positions[:n].copy_(torch.arange(start_pos, start_pos + n, dtype=torch.int32),
+                              non_blocking=True)
+        ops.embedding(s.ids[:n], self.w.embed, s.residual[:n])
+        bt = self.chunk_table
+
+        def attend(layer, q, out):
+            ops.prefill_attention(q, self.kv.k(layer), self.kv.v(layer), bt, start_pos,
+                                  self.scale, out)
+
+        self._layers(n, attend, s.positions[:n], bt, None)
+
     def sample_pending(self) -> None:
         """Sample from io.logits into io.token_in / token_hist and advance io.position."""
         io = self.io
@@ -194,12 +268,13 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill
 
     def prefill(self, input_ids: list[int], block_table: list[int], start_pos: int = 0,
-                probe: Probe = None) -> None:
+                probe: Probe = None, deadline: Optional[float] = None) -> None:
         """Write the KV of input_ids at start_pos.. into the cache; io.logits gets the last
         token's logits, io.position its position and io.token_in the token itself.
 
         Runs eagerly in chunks of prefill_chunk tokens. block_table must already cover
-        start_pos + len(input_ids) tokens.
+        start_pos + len(input_ids) tokens. Past `deadline` (time.monotonic()) it stops between
+        chunks with DeadlineExceeded.
         """
         s, io, dev = self.scratch, self.io, self.device
         table = torch.tensor(block_table, dtype=torch.int32)
@@ -210,6 +285,9 @@ class ModelRunner:
         pos = start_pos
         normed = None
         for lo in range(0, len(input_ids), self.prefill_chunk):
+            if deadline is not None and lo and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"prefill passed its deadline after {lo} of "
+                                       f"{len(input_ids)} tokens")
             chunk = ids_all[lo: lo + self.prefill_chunk]
             n = chunk.numel()
             s.ids[:n].copy_(chunk.to(dev, non_blocking=True))

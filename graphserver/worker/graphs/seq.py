@@ -1,5 +1,5 @@
-"""Exact-length CUDA graphs of the decode step: a background thread captures them on a capture
-stream while the request thread replays them on a replay stream.
+"""Exact-length CUDA graphs of the batch-1 session step: a background thread captures them on a
+capture stream while the request thread replays them on a replay stream.
 
 The manager is generic over a *capturer* (anything with capture(key) -> handle and
 release(handle)), so its window and eviction logic is tested on the CPU with a stand-in, and the
@@ -12,12 +12,10 @@ exact length from device memory, so a graph for key K serves every T that rounds
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import torch
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -290,114 +288,3 @@ class GraphManager:
                 "graph_memory_bytes": self.capturer.memory_bytes(),
                 "error": repr(self._error) if self._error else None,
             }
-
-
-@dataclass
-class GraphHandle:
-    """One key's graph. Keys whose steps launch identically share one executable."""
-    graph: "torch.cuda.CUDAGraph"
-    signature: tuple
-    shared: bool          # True when this key reused an executable captured for another key
-
-    def replay(self) -> None:
-        self.graph.replay()     # on the caller's current stream
-
-
-class CudaGraphCapturer:
-    """Captures runner.decode_step(attn_max_len=key) into a torch.cuda.CUDAGraph on its own stream.
-
-    Capture uses thread-local capture mode (the request thread keeps launching work meanwhile).
-    torch.cuda.graph() is avoided on purpose: its __enter__ synchronizes the whole device, which
-    would stall the concurrent replays. Each graph gets its own (empty) memory pool: the step
-    allocates nothing, and a pool shared across graphs trips an allocator assert in torch once
-    every graph using it has been reset.
-
-    Sharing: the decode step's launches depend on the length only through the attention split
-    count (the kernels read the exact length from device memory), so graphs of lengths with the
-    same runner.step_signature(key) are identical. A key whose signature is already captured
-    gets that executable (refcounted) instead of a new capture: capture cost is paid once per
-    split count, not once per token, which is what lets exact-length capture outrun replay.
-    """
-
-    def __init__(self, runner, device: torch.device, tracer=None, share: bool = True,
-                 keep_idle: int = 16):
-        self.runner = runner
-        self.device = device
-        self.tracer = tracer
-        self.share = share
-        self.stream = torch.cuda.Stream(device=device)
-        self._mem_before = torch.cuda.memory_reserved(device)
-        self._bound = False
-        self._lock = threading.Lock()
-        self._by_sig: dict[tuple, list] = {}      # signature -> [graph, refcount]
-        # Executables no key uses any more, kept (most recent last) so a later session at those
-        # lengths finds them ready: a few MB each against a 2-4 ms capture.
-        self.keep_idle = keep_idle
-        self._idle: list[tuple] = []
-
-    def on_thread_start(self) -> None:
-        torch.cuda.set_device(self.device)
-
-    def try_share(self, key: int) -> Optional[GraphHandle]:
-        """A handle on an existing executable with key's launch signature, or None."""
-        if not self.share:
-            return None
-        sig = self.runner.step_signature(key)
-        with self._lock:
-            entry = self._by_sig.get(sig)
-            if entry is None:
-                return None
-            entry[1] += 1
-            if sig in self._idle:
-                self._idle.remove(sig)
-            return GraphHandle(entry[0], sig, shared=True)
-
-    def capture(self, key: int) -> GraphHandle:
-        handle = self.try_share(key)
-        if handle is not None:
-            return handle
-        sig = self.runner.step_signature(key)
-        graph = torch.cuda.CUDAGraph()
-        rng = self.tracer.range(f"capture T={key}", "capture") if self.tracer else nullcontext()
-        with rng, torch.cuda.stream(self.stream):
-            if not self._bound:       # the cuBLAS handle must exist before any capture begins
-                self.runner.bind_stream()
-                self._bound = True
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                self.runner.decode_step(attn_max_len=key)
-            finally:
-                graph.capture_end()
-        with self._lock:
-            if self.share:
-                self._by_sig[sig] = [graph, 1]
-        return GraphHandle(graph, sig, shared=False)
-
-    def release(self, handle: GraphHandle) -> None:
-        # cudaGraphExecDestroy on an in-flight graph frees it once it completes (CUDA docs),
-        # so eviction never has to wait for the replay stream.
-        with self._lock:
-            entry = self._by_sig.get(handle.signature) if self.share else None
-            if entry is not None and entry[0] is handle.graph:
-                entry[1] -= 1
-                if entry[1] > 0:
-                    return
-                self._idle.append(handle.signature)
-                if len(self._idle) <= self.keep_idle:
-                    return
-                oldest = self._idle.pop(0)
-                graph = self._by_sig.pop(oldest)[0]
-            else:
-                graph = handle.graph
-        graph.reset()
-
-    def purge(self) -> None:
-        """Destroy the idle executables kept for reuse."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-            graphs = [self._by_sig.pop(sig)[0] for sig in idle]
-        for g in graphs:
-            g.reset()
-
-    def memory_bytes(self) -> int:
-        return max(0, torch.cuda.memory_reserved(self.device) - self._mem_before)
