@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from . import defaults as _d
+
 if TYPE_CHECKING:   # torch-free at import: the HTTP front end and the scheduler read this module
     import torch
 
@@ -353,50 +355,50 @@ class EngineConfig:
     None means "derived": see resolved(), which fills those from the model and the other knobs.
     """
     max_len: int | None = None            # longest sequence (prompt + output); default 8192, capped by the model
-    block_size: int = 16                  # tokens per KV block
+    block_size: int = _d.DEFAULT_BLOCK_SIZE   # tokens per KV block
     kv_blocks: int | None = None          # KV arena size; default room for 4 sequences of max_len
-    max_num_seqs: int = 64                # rows of the batched decode step (requests running at once)
-    prefill_chunk: int = 512              # prompt tokens per prefill forward; chunks start at multiples of it
+    max_num_seqs: int = _d.DEFAULT_MAX_NUM_SEQS    # rows of the batched step (requests running at once)
+    prefill_chunk: int = _d.DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill forward; chunks start at multiples of it
     max_num_batched_tokens: int | None = None  # token budget per step; default prefill_chunk + max_num_seqs
-    max_waiting: int = 4096               # waiting-queue bound; past it generate answers Overloaded
+    max_waiting: int = _d.DEFAULT_MAX_WAITING      # waiting-queue bound; past it generate answers Overloaded
     kv_watermark_blocks: int = 1          # admission keeps this many blocks free for running requests
-    graph_bucket: int = 1                 # batch-1 session graphs: 1 = exact-length graphs
+    graph_bucket: int = _d.DEFAULT_GRAPH_BUCKET    # batch-1 session graphs: 1 = exact-length graphs
     batch_graphs: bool = True             # capture batched decode graphs in the background (CUDA)
     max_batch_graphs: int = 48            # resident batched graphs (LRU beyond)
     batch_invariant: bool = True          # batched GEMMs whose per-row reduction order ignores B
-    session_ttl_s: float = 600.0          # idle sessions are reclaimable after this long (0: never)
+    session_ttl_s: float = _d.DEFAULT_SESSION_TTL_S  # idle sessions are reclaimable after this long (0: never)
     wait_s: float = 10.0                  # a session replay waits this long for a missing graph
     max_inflight: int = 32                # session replay: steps queued ahead of the GPU
-    model_version: str = "0"              # reported in every generate reply until a reload
+    model_version: str = _d.DEFAULT_MODEL_VERSION  # reported in every generate reply until a reload
 
     def resolved(self, model_max_positions: int) -> "EngineConfig":
         """A copy with every None filled in and every value checked (ValueError names the knob)."""
         from dataclasses import replace
 
+        from .errors import ConfigError
+
         for name in ("block_size", "max_num_seqs", "prefill_chunk", "max_waiting",
                      "max_batch_graphs", "graph_bucket", "max_inflight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 2):
-            raise ValueError(f"max_len must be an int >= 2, got {self.max_len!r}")
+            raise ConfigError(f"max_len must be an int >= 2, got {self.max_len!r}")
         if not self.session_ttl_s >= 0:
-            raise ValueError(f"session_ttl_s must be >= 0, got {self.session_ttl_s}")
+            raise ConfigError(f"session_ttl_s must be >= 0, got {self.session_ttl_s}")
         if self.kv_watermark_blocks < 0:
-            raise ValueError(f"kv_watermark_blocks must be >= 0, got {self.kv_watermark_blocks}")
-        max_len = min(self.max_len or DEFAULT_MAX_LEN, model_max_positions)
+            raise ConfigError(f"kv_watermark_blocks must be >= 0, got {self.kv_watermark_blocks}")
+        max_len = min(self.max_len or _d.DEFAULT_MAX_LEN, model_max_positions)
         kv_blocks = self.kv_blocks
         if kv_blocks is None:
-            kv_blocks = 4 * -(-max_len // self.block_size)
+            kv_blocks = _d.default_kv_blocks(max_len, self.block_size)
         if not isinstance(kv_blocks, int) or kv_blocks < 1:
-            raise ValueError(f"kv_blocks must be a positive int, got {kv_blocks!r}")
+            raise ConfigError(f"kv_blocks must be a positive int, got {kv_blocks!r}")
         budget = self.max_num_batched_tokens
         if budget is None:
             budget = self.prefill_chunk + self.max_num_seqs
         if budget < self.prefill_chunk:
-            raise ValueError(f"max_num_batched_tokens ({budget}) must be >= prefill_chunk "
+            raise ConfigError(f"max_num_batched_tokens ({budget}) must be >= prefill_chunk "
                              f"({self.prefill_chunk}): a prefill chunk is never split")
         return replace(self, max_len=max_len, kv_blocks=kv_blocks, max_num_batched_tokens=budget)
 
-
-DEFAULT_MAX_LEN = 8192

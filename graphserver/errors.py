@@ -36,3 +36,7 @@ class Unauthorized(EngineError):
 
 class DeadlineExceeded(EngineError):
     """The request's deadline_s passed before the work finished (its partial state was freed)."""
+
+
+class ConfigError(ValueError):
+    """A device / dtype / size combination the engine cannot run (the message names the knob)."""

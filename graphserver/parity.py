@@ -17,7 +17,7 @@ import torch
 from custom_kernels.weights import load_weights
 
 from .config import RANDOM_SHAPES, ModelConfig
-from .kv import BlockAllocator
+from .core.block_allocator import BlockAllocator
 from .worker.model_runner import ModelRunner
 from .prepare import resolve_model
 

@@ -13,13 +13,25 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+from graphserver import argtypes  # noqa: E402  (after the sys.path line above)
+
+HelpFormatter = argtypes.HelpFormatter  # shows defaults, keeps the docstring's line breaks
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """The scripts' parser: the module docstring as description, every default in --help."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
 def add_model_args(p: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
     p.add_argument("--model", default=None,
                    help="default: the embedded SmolLM2-135M-Instruct (prepared on first use); "
                         "or an HF Llama-family directory; or random:<shape>")
-    p.add_argument("--device", default="auto", help="auto (cuda when usable), cuda or cpu")
-    p.add_argument("--dtype", default=dtype_default,
-                   help="auto (bf16 on cuda, fp32 on cpu), bf16, fp16 or fp32 (cpu only)")
+    p.add_argument("--device", default="auto", type=argtypes.device,
+                   help="auto (cuda when usable), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=dtype_default, type=argtypes.dtype,
+                   help=f"{argtypes.DTYPE_HELP}; auto is bf16 on cuda, fp32 on cpu; fp32 runs on "
+                        "the cpu only")
 
 
 def output_dir() -> Path:

@@ -22,6 +22,7 @@ import time
 
 import _common
 from _common import ROOT
+from graphserver import argtypes
 
 PEER_SHORT = (8, 136)        # HF: ms/token = (t(136 new) - t(8 new)) / 128, excludes prefill
 
@@ -222,22 +223,29 @@ def bench_peers(torch, spec, dtype, args, log) -> dict:
     return out
 
 
+def _half_dtype(text: str) -> str:
+    value = argtypes.dtype(text)
+    if value not in ("bf16", "fp16"):
+        raise argparse.ArgumentTypeError(f"the benchmark runs bf16 or fp16, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     p.add_argument("--models", nargs="+",
                    default=["default", "random:smollm2-135m", "random:llama-3.2-1b",
                             "random:llama-2-7b"],
                    help="model specs ('default' = the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--steps", type=int, default=512, help="tokens of the short-context run")
-    p.add_argument("--long", type=int, default=4000,
+    p.add_argument("--dtype", default="bf16", type=_half_dtype,
+                   help="bf16 (bfloat16) or fp16 (float16, half): the kernels' dtypes")
+    p.add_argument("--steps", type=argtypes.positive_int, default=512, help="tokens of the short-context run")
+    p.add_argument("--long", type=argtypes.nonneg_int, default=4000,
                    help="prompt length of the near-4096 run (0 skips it)")
-    p.add_argument("--ttft-len", type=int, default=1024, help="prompt length for TTFT")
-    p.add_argument("--max-len", type=int, default=4160, help="engine max_len")
+    p.add_argument("--ttft-len", type=argtypes.positive_int, default=1024, help="prompt length for TTFT")
+    p.add_argument("--max-len", type=argtypes.positive_int, default=4160, help="engine max_len")
     p.add_argument("--skip-peers", action="store_true", help="only measure ours")
     p.add_argument("--skip-compile", action="store_true", help="skip HF static + torch.compile")
-    p.add_argument("--out", default=None, help="JSON path (default output/bench/decode_*.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: output/bench/decode_<device>_<time>.json)")
     args = p.parse_args(argv)
     import torch
     if not torch.cuda.is_available():

@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
 """Cost of one Tracer.range (an nvtx push/pop in the 'graphserver' domain) with no profiler
 attached, against a decode step's time. Prints ns per range; run it anywhere."""
-import argparse
 import sys
 import time
 
-import _common  # noqa: F401
+import _common
+from graphserver import argtypes
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--n", type=int, default=200_000, help="ranges to time (default 200000)")
-    p.add_argument("--step-ms", type=float, default=0.2,
-                   help="decode step time to compare against (default 0.2 ms)")
+    p = _common.parser(__doc__)
+    p.add_argument("--n", type=argtypes.positive_int, default=200_000, help="ranges to time")
+    p.add_argument("--step-ms", type=argtypes.positive_seconds, default=0.2,
+                   help="decode step time to compare against, in ms")
     args = p.parse_args(argv)
     from graphserver.tracing import Tracer
     tr = Tracer()

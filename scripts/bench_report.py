@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
 """Builds the README's performance table (markdown, on stdout) and output/bench/decode.png from the
 committed output/bench/decode_*.json records. Every ratio comes from one record (one run)."""
-import argparse
 import glob
 import json
 import sys
@@ -60,7 +59,8 @@ def plot(rows, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("bench_report: matplotlib is not installed; no PNG written", file=sys.stderr)
+        print("bench_report: matplotlib is not installed (pip install -e .[bench]); no PNG written",
+              file=sys.stderr)
         return False
     names = [m["model"] for _, m, _ in rows]
     series = {
@@ -87,9 +87,10 @@ def plot(rows, path: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = _common.parser(__doc__)
     p.add_argument("records", nargs="*", help="JSON records (default: output/bench/decode_*.json)")
-    p.add_argument("--png", default=str(ROOT / "output" / "bench" / "decode.png"))
+    p.add_argument("--png", default=str(ROOT / "output" / "bench" / "decode.png"),
+                   help="where the chart goes (needs matplotlib: pip install -e .[bench])")
     p.add_argument("--all", action="store_true", help="every record, not only each model's newest")
     args = p.parse_args(argv)
     paths = args.records or sorted(glob.glob(str(ROOT / "output" / "bench" / "decode_*.json")))

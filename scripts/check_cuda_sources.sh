@@ -6,6 +6,7 @@
 #   bash scripts/check_cuda_sources.sh            # all files
 #   NVCC=/path/to/nvcc ARCH=90a bash scripts/check_cuda_sources.sh
 set -u -o pipefail
+case "${1:-}" in -h|--help) sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 csrc="$root/custom_kernels/csrc"

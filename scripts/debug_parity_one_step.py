@@ -5,7 +5,6 @@ Prefills the prompt minus its last token, then runs one probed decode step on th
 compares Q, K, V, the attention output, o-proj, the MLP output, each layer's output, the final norm
 and the logits with HF's forward over the whole prompt. Exits 1 past the per-dtype tolerance.
 """
-import argparse
 import sys
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
@@ -13,8 +12,7 @@ from _common import add_model_args
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     add_model_args(p)
     args = p.parse_args(argv)
     import torch

@@ -4,18 +4,17 @@
 Both sides are fed HF's greedy token at every step. Compares the logits at every step, then our
 paged K and V of every layer against HF's cache contents. Exits 1 past the per-dtype tolerance.
 """
-import argparse
 import sys
 
 import _common  # noqa: F401
 from _common import add_model_args
+from graphserver import argtypes
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     add_model_args(p)
-    p.add_argument("--steps", type=int, default=8, help="decode steps (default 8)")
+    p.add_argument("--steps", type=argtypes.positive_int, default=8, help="decode steps")
     args = p.parse_args(argv)
     from graphserver.engine import pick_device, pick_dtype
     from graphserver.parity import load_pair, model_dir, prompt_ids, seq_parity

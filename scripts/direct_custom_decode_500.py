@@ -4,24 +4,25 @@ background graph capture started right after kv_init, and reports stalls and fal
 
 Writes output/direct_custom_decode_500.{json,log} and _tokens.txt / _text.txt.
 """
-import argparse
 import sys
 import time
 
 import _common
+from graphserver import argtypes, protocol
 from _common import Logger, add_model_args, default_prompt, write_run_outputs
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     add_model_args(p)
     p.add_argument("--prompt", default=default_prompt(), help="user message (chat template)")
-    p.add_argument("--steps", type=int, default=500, help="tokens to generate (default 500)")
-    p.add_argument("--graph-bucket", type=int, default=1,
-                   help="1 = exact-length graphs (default); N rounds lengths up to multiples of N")
-    p.add_argument("--ahead", type=int, default=32, help="capture window ahead of the length")
-    p.add_argument("--behind", type=int, default=2, help="graphs kept behind the length")
+    p.add_argument("--steps", type=argtypes.positive_int, default=500, help="tokens to generate")
+    p.add_argument("--graph-bucket", type=argtypes.positive_int, default=1,
+                   help="1 = exact-length graphs; N rounds lengths up to multiples of N")
+    p.add_argument("--ahead", type=argtypes.positive_int, default=protocol.DEFAULT_CAPTURE_AHEAD,
+                   help="capture window ahead of the length")
+    p.add_argument("--behind", type=argtypes.nonneg_int, default=protocol.DEFAULT_CAPTURE_BEHIND,
+                   help="graphs kept behind the length")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the model's EOS tokens")
     p.add_argument("--torch-profile", default=None, help="write a torch-profiler Chrome trace here")
     args = p.parse_args(argv)

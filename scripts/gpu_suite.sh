@@ -4,8 +4,39 @@
 #   test    pytest -m cuda, both parity scripts (default model bf16 + random GQA hd128),
 #           run_custom_50, direct_custom_decode_500
 #   bench   scripts/bench_kernels.py and scripts/bench_decode.py ($BENCH_ARGS)
+#   retest  after a kernel-test pass: the kernel tests (KERNEL_K=expr selects some), the engine
+#           suite, the default-model parity scripts and both runs
 # A summary table is printed last. Expects the staged GGUF at $GRAPHSERVER_GGUF.
 set -uo pipefail
+usage() {
+  cat <<'USAGE'
+usage: bash scripts/gpu_suite.sh PHASE [PHASE ...]
+
+The GPU machine's routine; each phase's log goes to $LOGS (default $TMPDIR/gpu_logs), packed
+into $OUT/gpu_logs.tgz (default OUT=output/gpu), then a summary table is printed.
+
+phases:
+  build    install the carried wheels (.whl/*.whl), build custom_kernels._C in place, smoke-import it
+  test     pytest -m cuda, both parity scripts (default model + random:tiny-hd128),
+           run_custom_50, direct_custom_decode_500
+  retest   after a kernel-test pass: kernel tests (KERNEL_K=EXPR selects some), engine suite,
+           the default-model parity scripts and both runs
+  bench    scripts/bench_kernels.py and scripts/bench_decode.py $BENCH_ARGS
+
+environment: GRAPHSERVER_GGUF (the staged default-model GGUF), MAX_JOBS (default 16), LOGS, OUT,
+BENCH_ARGS, KERNEL_K
+USAGE
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
+esac
+for what in "$@"; do
+  case $what in
+    build|test|retest|bench) ;;
+    *) echo "gpu_suite: unknown phase '$what' (see --help)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 # Logs go to one folder, packed into $OUT/gpu_logs.tgz at the end (the device tool returns few files).
 LOGS=${LOGS:-${TMPDIR:-/tmp}/gpu_logs}; mkdir -p "$LOGS"
@@ -57,7 +88,7 @@ for what in "$@"; do
       phase bench_decode 560 python3 scripts/bench_decode.py ${BENCH_ARGS:-}
       cp output/bench/*.json "$LOGS/" 2>/dev/null
       ;;
-    *) echo "unknown phase $what"; exit 2 ;;
+    *) echo "gpu_suite: unknown phase '$what'" >&2; exit 2 ;;  # checked above; kept for safety
   esac
 done
 tar czf "$OUT/gpu_logs.tgz" -C "$LOGS" . 2>/dev/null

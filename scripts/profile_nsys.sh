@@ -4,6 +4,21 @@
 # Extra arguments go to run_custom_50.py. Where nsys is missing or writes no report, it says so
 # and points to the torch-profiler option, which works everywhere.
 set -uo pipefail
+case "${1:-}" in
+  -h|--help)
+    cat <<'USAGE'
+usage: bash scripts/profile_nsys.sh [RUN_CUSTOM_50 ARGS ...]
+
+Runs scripts/run_custom_50.py under Nsight Systems (-t cuda,nvtx, --cuda-graph-trace=node,
+child processes followed) and writes output/run_custom_50.nsys-rep. Every argument goes to
+run_custom_50.py (see: python scripts/run_custom_50.py --help).
+
+environment: NSYS=/path/to/nsys when it is not on PATH or in /opt/nvidia/nsight-systems.
+Exit codes: run_custom_50's own; 3 when nsys is missing or wrote no report (it then prints the
+torch-profiler command to use instead).
+USAGE
+    exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 NSYS=${NSYS:-$(command -v nsys || true)}
 if [ -z "$NSYS" ]; then

@@ -9,36 +9,37 @@ graphs are unavailable) and replay runs the eager step.
 
 Writes output/run_custom_50.json, _tokens.txt, _text.txt and .log.
 """
-import argparse
 import sys
 import time
 
 import _common
+from graphserver import argtypes, protocol
 from _common import (Logger, add_model_args, default_prompt, first_divergence, hf_greedy,
                      hf_near_tie, write_run_outputs)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     add_model_args(p)
     p.add_argument("--prompt", default=default_prompt(), help="user message (chat template)")
-    p.add_argument("--steps", type=int, default=50, help="tokens to generate (default 50)")
-    p.add_argument("--endpoint", default=None,
+    p.add_argument("--steps", type=argtypes.positive_int, default=50, help="tokens to generate")
+    p.add_argument("--endpoint", default=None, type=argtypes.client_endpoint,
                    help="use a running server at this endpoint instead of starting one")
-    p.add_argument("--graph-bucket", type=int, default=1,
-                   help="1 = exact-length graphs (default); N rounds lengths up to multiples of N")
-    p.add_argument("--ahead", type=int, default=32, help="graphs captured ahead of the length")
-    p.add_argument("--behind", type=int, default=2, help="graphs kept behind the length")
+    p.add_argument("--graph-bucket", type=argtypes.positive_int, default=1,
+                   help="1 = exact-length graphs; N rounds lengths up to multiples of N")
+    p.add_argument("--ahead", type=argtypes.positive_int, default=protocol.DEFAULT_CAPTURE_AHEAD,
+                   help="graphs captured ahead of the length")
+    p.add_argument("--behind", type=argtypes.nonneg_int, default=protocol.DEFAULT_CAPTURE_BEHIND,
+                   help="graphs kept behind the length")
     p.add_argument("--no-hf-check", action="store_true",
                    help="skip the comparison with HF transformers' greedy generate")
     p.add_argument("--torch-profile", default=None,
                    help="the server writes a torch-profiler Chrome trace to this path")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-RPC timeout in seconds")
+    p.add_argument("--timeout", type=argtypes.positive_seconds, default=600.0, help="per-RPC timeout in seconds")
     args = p.parse_args(argv)
     log = Logger()
 
-    from client.rpc import RPCClient, ServerProcess
+    from client.rpc import NoServer, RPCClient, ServerProcess
     from client.tokenizer import encode_chat, load_tokenizer
     from graphserver.prepare import resolve_model
 
@@ -76,13 +77,17 @@ def main(argv=None) -> int:
                 "timing": res["timing"], "stalls": res["stalls"], "fallbacks": res["fallbacks"],
                 "eager_steps": res["eager_steps"], "graph_stats": status["graphs"]}
 
-    if args.endpoint:
-        with RPCClient(args.endpoint, args.timeout) as client:
-            record = run(client)
-    else:
-        with ServerProcess(model=model_arg, extra_args=server_args,
-                           call_timeout_s=args.timeout) as client:
-            record = run(client)
+    try:
+        if args.endpoint:
+            with RPCClient(args.endpoint, args.timeout) as client:
+                record = run(client)
+        else:
+            with ServerProcess(model=model_arg, extra_args=server_args,
+                               call_timeout_s=args.timeout) as client:
+                record = run(client)
+    except NoServer as e:  # a wrong or dead --endpoint: say so in one line
+        print(f"run_custom_50: error: {e}", file=sys.stderr)
+        return 1
 
     log(f"{len(record['tokens'])} tokens, {record['ms_per_token']} ms/token "
         f"({record['backend']}), stalls {record['stalls']}, fallbacks {record['fallbacks']}")

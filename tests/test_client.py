@@ -14,45 +14,9 @@ from client.rpc import (RemoteProtocolError, RemoteUnknownSession, RPCClient, RP
                         ServerProcess, remote_error, spawn_process, spawn_server)
 from graphserver import errors, protocol
 
-from rpc_helpers import FAKE_ENGINE_ARGS, child_env
+from rpc_helpers import FAKE_ENGINE_ARGS, ScriptedRouter, child_env
 
 TIMEOUT_S = 10.0
-
-
-class ScriptedRouter:
-    """A bare ROUTER in a thread; `on_request(sock, frames, request)` decides what (if anything)
-    to send back. Returning False closes the socket at once (a server that dies mid-request)."""
-
-    def __init__(self, endpoint, on_request):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self.endpoint = endpoint
-        self.on_request = on_request
-        self.seen = []  # (identity, request)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            while not self._stop.is_set():
-                if not self.sock.poll(50):
-                    continue
-                frames = self.sock.recv_multipart()
-                request = protocol.decode(frames[-1])
-                self.seen.append((frames[0], request))
-                if self.on_request(self.sock, frames, request) is False:
-                    break
-        finally:
-            self.sock.close(0)
-            self.ctx.term()
-
-    def stop(self):
-        self._stop.set()
-        self.thread.join(5.0)
-        assert not self.thread.is_alive()
 
 
 def _reply(sock, frames, msg_id, result):
@@ -76,7 +40,7 @@ def test_timeout_then_recovery(ipc):
 
     router = ScriptedRouter(ipc, on_request)
     try:
-        with RPCClient(ipc, timeout_s=0.3) as c:
+        with RPCClient(ipc, timeout_s=0.3, handshake_s=None) as c:
             t0 = time.monotonic()
             with pytest.raises(RPCTimeout, match="no reply"):
                 c.hello()
@@ -97,7 +61,7 @@ def test_stale_reply_ids_are_discarded(ipc):
 
     router = ScriptedRouter(ipc, on_request)
     try:
-        with RPCClient(ipc, timeout_s=TIMEOUT_S) as c:
+        with RPCClient(ipc, timeout_s=TIMEOUT_S, handshake_s=None) as c:
             assert c.call("hello") == "fresh"
             assert c.call("hello") == "fresh"  # leftovers of the first call do not leak into the second
     finally:
@@ -110,7 +74,7 @@ def test_error_reply_without_id_is_raised(ipc):
 
     router = ScriptedRouter(ipc, on_request)
     try:
-        with RPCClient(ipc, timeout_s=TIMEOUT_S) as c:
+        with RPCClient(ipc, timeout_s=TIMEOUT_S, handshake_s=None) as c:
             with pytest.raises(RemoteProtocolError) as ei:
                 c.hello()
             assert ei.value.type == "ProtocolError" and "unreadable" in ei.value.message
@@ -124,7 +88,7 @@ def test_error_replies_keep_the_connection(ipc):
 
     router = ScriptedRouter(ipc, on_request)
     try:
-        with RPCClient(ipc, timeout_s=TIMEOUT_S) as c:
+        with RPCClient(ipc, timeout_s=TIMEOUT_S, handshake_s=None) as c:
             for _ in range(2):
                 with pytest.raises(errors.BadRequest, match="no"):
                     c.hello()
@@ -135,7 +99,7 @@ def test_error_replies_keep_the_connection(ipc):
 
 def test_server_closing_mid_request_is_detected_without_a_process_handle(ipc):
     router = ScriptedRouter(ipc, lambda sock, frames, req: False)  # read the request, then vanish
-    with RPCClient(ipc, timeout_s=30.0) as c:
+    with RPCClient(ipc, timeout_s=30.0, handshake_s=None) as c:
         t0 = time.monotonic()
         with pytest.raises(ServerDead, match="dropped"):
             c.hello()
@@ -168,16 +132,15 @@ os._exit(3)
 def test_spawned_process_dying_mid_request_raises_server_dead(ipc):
     proc, endpoint = spawn_process([sys.executable, "-c", DIES_ON_FIRST_REQUEST, ipc], timeout_s=TIMEOUT_S)
     assert endpoint == ipc
-    with RPCClient(endpoint, timeout_s=30.0, process=proc) as c:
+    with RPCClient(endpoint, timeout_s=30.0, process=proc, handshake_s=None) as c:
         t0 = time.monotonic()
         with pytest.raises(ServerDead) as ei:
             c.hello()
         assert time.monotonic() - t0 < 5.0
     assert proc.wait(5) == 3
     # Either the disconnect or the exit is seen first; a later call names the exit code and stderr.
-    with RPCClient(endpoint, timeout_s=30.0, process=proc) as c:
-        with pytest.raises(ServerDead, match="exited with code 3") as ei:
-            c.hello()
+    with pytest.raises(ServerDead, match="exited with code 3") as ei:
+        RPCClient(endpoint, timeout_s=30.0, process=proc)  # the handshake names the exit
         assert "dying now" in str(ei.value)
 
 

@@ -132,14 +132,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
 
-    def _next_work(self, req: Request) -> tuple[int, int, bool]:
-        """(prefill tokens, tokens the KV must hold, decodes this step) for req's next step."""
+    def _next_work(self, req: Request, budget: int) -> tuple[int, int, bool]:
+        """(prefill tokens, tokens the KV must hold, decodes this step) for req's next step.
+
+        The chunk that completes the prompt also decodes its last token in the same step, when
+        the budget has room for both; otherwise the chunk runs alone and the decode comes next.
+        """
         if not req.is_prefill:
             return 0, req.num_tokens, True
         start = req.num_computed
         boundary = (start // self.prefill_chunk + 1) * self.prefill_chunk
         end = min(boundary, req.num_tokens - 1)
-        decodes = end == req.num_tokens - 1      # the prefill completes: decode in the same step
+        decodes = end == req.num_tokens - 1 and end - start + 1 <= budget
         return end - start, end + (1 if decodes else 0), decodes
 
     def schedule(self) -> SchedulerOutput:
@@ -148,7 +152,7 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            n_prefill, need_tokens, decodes = self._next_work(req)
+            n_prefill, need_tokens, decodes = self._next_work(req, budget)
             cost = n_prefill + int(decodes)
             if cost > budget:
                 i += 1
@@ -208,7 +212,7 @@ class Scheduler:
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n_prefill, need_tokens, decodes = self._next_work(req)
+            n_prefill, need_tokens, decodes = self._next_work(req, budget)
             cost = n_prefill + int(decodes)
             if cost > budget:
                 return

@@ -228,13 +228,18 @@ class Engine:
                 f"{out.finish_reason}, queue {queue_ms:.1f} ms, ttft {ttft_ms:.1f} ms, "
                 f"{e2e_ms:.1f} ms, {(e2e_ms - ttft_ms) / max(1, n - 1):.2f} ms/token")
 
-    def shutdown(self) -> None:
-        """Refuse new work and end every live request (finish_reason "abort")."""
-        self.closing = True
+    def fail_running(self) -> None:
+        """After a failed step (a bug): end every live request (final reply, finish_reason
+        "abort", blocks freed), so no client waits for ever and the loop does not spin on it."""
         for rid in list(self.core.scheduler.requests):
             out = self.core.abort(rid)
             if out is not None:
                 self._deliver([out])
+
+    def shutdown(self) -> None:
+        """Refuse new work and end every live request (finish_reason "abort")."""
+        self.closing = True
+        self.fail_running()
 
     def close(self) -> Optional[dict]:
         """Stop the capture threads; with --torch-profile, write the trace and return (and log)

@@ -312,9 +312,9 @@ class EngineProc:
                     except Exception:
                         # A failed step is a bug: log it, end the requests it touched, go on.
                         self._log.exception("engine step failed")
-                        shutdown = getattr(self._engine, "fail_running", None)
-                        if shutdown is not None:
-                            shutdown()
+                        fail_running = getattr(self._engine, "fail_running", None)
+                        if fail_running is not None:
+                            fail_running()
         finally:
             self.close()
 

@@ -5,6 +5,8 @@ import torch
 
 from custom_kernels import ops
 
+from ..errors import ConfigError
+
 # Every spelling a user may type, to the one torch dtype.
 DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -18,16 +20,16 @@ def pick_device(device: str) -> torch.device:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+        raise ConfigError(f"unknown device {device!r}; choose auto, cpu or cuda")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         # an explicit index: streams and the capture thread's set_device need one
         dev = torch.device("cuda", torch.cuda.current_device())
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device")
         if not ops.cuda_kernels_available():
-            raise ValueError("--device cuda needs the compiled kernels: "
+            raise ConfigError("--device cuda needs the compiled kernels: "
                              "run `python setup.py build_ext --inplace`")
     return dev
 
@@ -38,7 +40,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     key = dtype.lower() if isinstance(dtype, str) else dtype
     if key not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, bf16, fp16 or fp32")
+        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, bf16, fp16 or fp32")
     if device.type == "cuda" and DTYPE_NAMES[key] == torch.float32:
-        raise ValueError("the CUDA kernels run bf16 and fp16 only")
+        raise ConfigError("the CUDA kernels run bf16 and fp16 only")
     return DTYPE_NAMES[key]

@@ -1,0 +1,272 @@
+"""Benchmark the HTTP front end with N concurrent streaming clients, beside the engine's own rate.
+
+For each concurrency C, C clients each stream --requests completions (the same prompt, --max-tokens
+tokens, ignore_eos so every request makes exactly that many) from `graphserver serve`. Then the
+same workload goes straight to the engine through client/aio.py `generate`. Both report TTFT and
+inter-token latency p50/p95/p99, output tok/s and requests/s; `ratio` is HTTP tok/s over engine
+tok/s (near 1: the front end is not the bottleneck).
+
+By default it starts an engine (`python -m graphserver`, arguments after a lone `--`) and a
+`graphserver serve` attached to it. --engine-endpoint attaches to a running engine instead (and
+still starts the HTTP server); --url with --engine-endpoint uses both as they are.
+Writes output/bench/serve_<device>_<date>.json, and a .png beside it when matplotlib is installed.
+--smoke: a quick CPU run with small counts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import _common  # noqa: F401  (puts the repo root on sys.path)
+from _common import ROOT, output_dir, parser
+
+import httpx
+import numpy as np
+
+from client.aio import AsyncEngineClient
+from client.rpc import ServerProcess, spawn_process
+from graphserver.api.text import TextTokenizer
+
+SMOKE = {"concurrency": [1, 4], "requests": 2, "max_tokens": 8}
+QUANTILES = (50, 95, 99)
+
+
+def build_parser():
+    p = parser(__doc__)
+    p.add_argument("--model", help="the engine's --model (default: the engine's default model)")
+    p.add_argument("--engine-endpoint", metavar="EP", help="attach to this running engine instead of starting one")
+    p.add_argument("--url", help="use this running HTTP server (needs --engine-endpoint, the engine behind it)")
+    p.add_argument("--concurrency", default="1,8,32,64", help="comma-separated numbers of concurrent clients")
+    p.add_argument("--requests", type=int, default=4, help="requests per client at each concurrency")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+    p.add_argument("--prompt", default=_common.default_prompt(), help="the prompt of every request (plain text)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"quick CPU mode: concurrency {SMOKE['concurrency']}, {SMOKE['requests']} requests per "
+                   f"client, {SMOKE['max_tokens']} tokens, engine on --device cpu")
+    p.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default: output/bench)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[Any, list[str]]:
+    engine_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, engine_args = argv[:cut], argv[cut + 1:]
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        p.error(f"--concurrency must be comma-separated ints, got {args.concurrency!r}")
+    if args.smoke:
+        args.concurrency, args.requests, args.max_tokens = SMOKE["concurrency"], SMOKE["requests"], SMOKE["max_tokens"]
+        if "--device" not in engine_args and not args.engine_endpoint:
+            engine_args += ["--device", "cpu"]
+    if any(c < 1 for c in args.concurrency) or args.requests < 1 or args.max_tokens < 1:
+        p.error("--concurrency, --requests and --max-tokens must be >= 1")
+    if args.url and not args.engine_endpoint:
+        p.error("--url needs --engine-endpoint (the engine's own rate is measured beside it)")
+    if args.engine_endpoint and (args.model or engine_args):
+        p.error("--engine-endpoint attaches to a running engine; --model and engine arguments are for one it starts")
+    return args, engine_args
+
+
+# -------------------------------------------------------------------------------------------
+# Measurement
+
+
+def summarize(ttft: list[float], itl: list[float], tokens: int, requests: int, wall_s: float) -> dict:
+    def q(xs: list[float]) -> dict:
+        if not xs:
+            return {f"p{p}": None for p in QUANTILES}
+        return {f"p{p}": round(float(np.percentile(xs, p)) * 1e3, 3) for p in QUANTILES}
+
+    return {"ttft_ms": q(ttft), "itl_ms": q(itl), "output_tok_s": round(tokens / wall_s, 2),
+            "requests_s": round(requests / wall_s, 3), "tokens": tokens, "requests": requests,
+            "wall_s": round(wall_s, 3)}
+
+
+async def http_one(client: httpx.AsyncClient, url: str, body: dict, ttft: list, itl: list) -> int:
+    t0 = time.perf_counter()
+    last, usage = None, None
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                if last is None:
+                    ttft.append(now - t0)
+                else:
+                    itl.append(now - last)
+                last = now
+    if usage is None:
+        raise RuntimeError("the stream carried no usage")
+    return int(usage["completion_tokens"])
+
+
+async def http_level(url: str, model: str, prompt: str, conc: int, n: int, max_tokens: int, timeout: float) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    ttft: list[float] = []
+    itl: list[float] = []
+    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        await http_one(client, url, {**body, "max_tokens": 2}, [], [])  # warm-up
+
+        async def worker() -> int:
+            return sum([await http_one(client, url, body, ttft, itl) for _ in range(n)])
+
+        t0 = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(worker() for _ in range(conc))))
+        wall = time.perf_counter() - t0
+    return summarize(ttft, itl, tokens, conc * n, wall)
+
+
+async def engine_one(engine: AsyncEngineClient, ids: list[int], max_tokens: int, ttft: list, itl: list) -> int:
+    t0 = time.perf_counter()
+    last, n = None, 0
+    async for r in engine.generate(f"bench-{uuid.uuid4().hex}", ids, max_tokens=max_tokens, ignore_eos=True):
+        now = time.perf_counter()
+        if r["tokens"]:
+            if last is None:
+                ttft.append(now - t0)
+            else:
+                itl.append(now - last)
+            last = now
+            n += len(r["tokens"])
+    return n
+
+
+async def engine_level(endpoint: str, ids: list[int], conc: int, n: int, max_tokens: int, timeout: float) -> dict:
+    ttft: list[float] = []
+    itl: list[float] = []
+    async with AsyncEngineClient(endpoint, timeout) as engine:
+        await engine_one(engine, ids, 2, [], [])  # warm-up
+
+        async def worker() -> int:
+            return sum([await engine_one(engine, ids, max_tokens, ttft, itl) for _ in range(n)])
+
+        t0 = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(worker() for _ in range(conc))))
+        wall = time.perf_counter() - t0
+    return summarize(ttft, itl, tokens, conc * n, wall)
+
+
+async def engine_hello(endpoint: str) -> dict:
+    async with AsyncEngineClient(endpoint, 30.0) as engine:
+        return await engine.hello()
+
+
+# -------------------------------------------------------------------------------------------
+# Records
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, capture_output=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, text=True,
+                               capture_output=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plot(record: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    levels = record["levels"]
+    cs = [lv["concurrency"] for lv in levels]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for side in ("http", "engine"):
+        axes[0].plot(cs, [lv[side]["output_tok_s"] for lv in levels], marker="o", label=side)
+        for p, style in (("p50", "-"), ("p99", "--")):
+            axes[1].plot(cs, [lv[side]["ttft_ms"][p] for lv in levels], style, marker="o", label=f"{side} {p}")
+            axes[2].plot(cs, [lv[side]["itl_ms"][p] for lv in levels], style, marker="o", label=f"{side} {p}")
+    for ax, title in zip(axes, ("output tok/s", "TTFT ms", "inter-token ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{record['model']} on {record['device']} ({record['commit']}, {record['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, engine_args = parse(sys.argv[1:] if argv is None else list(argv))
+    started: list[Any] = []  # things to stop, newest first
+    try:
+        endpoint = args.engine_endpoint
+        if endpoint is None:
+            engine = ServerProcess(args.model, engine_args)
+            engine.__enter__()
+            started.append(engine)
+            endpoint = engine.endpoint
+        url = args.url
+        if url is None:
+            proc, url = spawn_process([sys.executable, "-m", "graphserver.cli", "serve", "--engine-endpoint", endpoint,
+                                       "--port", "0", "--exit-with-parent", "--log-level", "WARNING"])
+            started.append(proc)
+        hello = asyncio.run(engine_hello(endpoint))
+        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        ids = TextTokenizer(hello["tokenizer_path"]).encode_plain(args.prompt)
+        levels = []
+        for conc in args.concurrency:
+            h = asyncio.run(http_level(url, model, args.prompt, conc, args.requests, args.max_tokens, args.timeout))
+            e = asyncio.run(engine_level(endpoint, ids, conc, args.requests, args.max_tokens, args.timeout))
+            ratio = round(h["output_tok_s"] / e["output_tok_s"], 3) if e["output_tok_s"] else None
+            levels.append({"concurrency": conc, "http": h, "engine": e, "ratio": ratio})
+            print(f"C={conc:3d}  http {h['output_tok_s']:9.1f} tok/s  TTFT p50 {h['ttft_ms']['p50']} ms  "
+                  f"ITL p50 {h['itl_ms']['p50']} ms | engine {e['output_tok_s']:9.1f} tok/s | ratio {ratio}",
+                  file=sys.stderr, flush=True)
+    finally:
+        for thing in reversed(started):
+            if isinstance(thing, ServerProcess):
+                thing.__exit__(None, None, None)
+            else:
+                thing.terminate()
+                thing.wait(30)
+    device = str(hello.get("device_name") or hello.get("device") or "unknown")
+    now = dt.datetime.now(dt.timezone.utc)
+    record = {"kind": "serve", "device": device, "backend": hello.get("backend"), "date": now.isoformat(timespec="seconds"),
+              "commit": git_commit(), "model": hello.get("model"), "dtype": hello.get("dtype"),
+              "max_num_seqs": hello.get("max_num_seqs"), "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
+              "requests_per_client": args.requests, "smoke": args.smoke, "engine_args": engine_args, "levels": levels}
+    out = args.out_dir or (output_dir() / "bench")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"serve_{re.sub(r'[^A-Za-z0-9]+', '_', device)}_{now.strftime('%Y%m%d-%H%M%S')}"
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(path)
+    if plot(record, out / f"{stem}.png"):
+        print(out / f"{stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

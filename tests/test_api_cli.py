@@ -1,0 +1,103 @@
+"""`graphserver serve` as a process: the READY line, attaching to an engine, clean exits, and
+one-line errors with exit code 2 for command-line mistakes."""
+
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from client.rpc import spawn_process
+from fake_batch_engine import FakeBatchEngine
+from graphserver import cli
+
+from rpc_helpers import child_env
+
+SERVE = [sys.executable, "-m", "graphserver.cli", "serve"]
+
+
+def _run(args, timeout=60):
+    return subprocess.run(SERVE + args, capture_output=True, text=True, timeout=timeout, env=child_env(),
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port must be in 0..65535"),
+    (["--engine-endpoint", "ipc:///nonexistent", "--model", "x"], "--engine-endpoint attaches"),
+    (["--engine-endpoint", "ipc:///no/such/engine.sock"], "no engine socket there"),
+    (["--model", "/no/such/model/dir"], "no such directory"),
+    (["--tokenizer", "/no/such/dir", "--engine-endpoint", "tcp://127.0.0.1:1"], "no tokenizer.json"),
+    (["--engine-endpoint", "tcp://127.0.0.1:1", "--engine-timeout", "0"], "--engine-timeout must be > 0"),
+])
+def test_command_line_mistakes_exit_2_with_one_line(args, message):
+    r = _run(args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout == ""
+
+
+def test_port_in_use_exits_2():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        r = _run(["--engine-endpoint", "tcp://127.0.0.1:1", "--port", str(busy.getsockname()[1])])
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreachable_engine_fails_with_one_clear_line():
+    r = _run(["--engine-endpoint", "tcp://127.0.0.1:1", "--port", "0", "--engine-timeout", "1"])
+    assert r.returncode == 1
+    assert "engine start failed: RPCTimeout" in r.stderr and r.stdout == ""
+
+
+def test_serve_attaches_prints_ready_and_stops_on_sigterm(default_model_dir):
+    with FakeBatchEngine(str(default_model_dir)) as engine:
+        proc, url = spawn_process(SERVE + ["--engine-endpoint", engine.endpoint, "--port", "0", "--exit-with-parent",
+                                           "--served-model-name", "named"], timeout_s=60, env=child_env())
+        try:
+            assert url.startswith("http://127.0.0.1:")
+            r = httpx.get(url + "/health", timeout=10)
+            assert r.status_code == 200 and r.headers["x-model-version"] == "0"
+            r = httpx.post(url + "/v1/completions", json={"model": "named", "prompt": "hi", "max_tokens": 3},
+                           timeout=30)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        # Attached, not owned: the engine still serves.
+        assert engine._thread.is_alive()
+
+
+def test_other_subcommands_go_to_the_engine_cli(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--engine-endpoint" not in out
+
+
+def test_bench_serve_smoke_writes_a_record(default_model_dir, tmp_path):
+    import json
+
+    from rpc_helpers import REPO_ROOT
+
+    with FakeBatchEngine(str(default_model_dir), step_s=0.002) as engine:
+        r = subprocess.run([sys.executable, "scripts/bench_serve.py", "--smoke", "--engine-endpoint", engine.endpoint,
+                            "--out-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                           env=child_env(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [path] = tmp_path.glob("serve_*.json")
+    record = json.loads(path.read_text())
+    assert record["device"] == "cpu" and record["commit"] and record["date"] and record["smoke"] is True
+    assert [lv["concurrency"] for lv in record["levels"]] == [1, 4]
+    for lv in record["levels"]:
+        for side in ("http", "engine"):
+            s = lv[side]
+            assert s["tokens"] == lv["concurrency"] * 2 * 8 and s["requests"] == lv["concurrency"] * 2
+            assert s["output_tok_s"] > 0 and s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["p50"]
+        assert lv["ratio"] == pytest.approx(lv["http"]["output_tok_s"] / lv["engine"]["output_tok_s"], rel=1e-2)
