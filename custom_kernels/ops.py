@@ -94,7 +94,41 @@ def swiglu_linear(gate_up, weight, out, act):
 _FUSED_MAX_ROWS = 8
 
 
+def linear_invariant(x, weight, out):
+    """out = x @ weight.T, batch-invariant: row t is bitwise what the op gives for x[t] alone.
+
+    x [T, K], weight [N, K], out [T, N] (see reference.linear_invariant). On CUDA one GEMV launch
+    serves any T (row groups of <= 8 along the grid), with a summation order that depends on K
+    only; it needs K % 8 == 0 and 16-byte aligned, contiguous x and weight (it refuses otherwise:
+    no fallback could keep the invariance). Values equal linear()'s up to fp32 summation order, and
+    bitwise for T <= 8 (the same kernel)."""
+    if out.is_cuda:
+        return _kernels().linear_invariant(x, weight, out)
+    return reference.linear_invariant(x, weight, out)
+
+
+def swiglu_linear_invariant(gate_up, weight, out, act):
+    """out = swiglu(gate_up) @ weight.T, batch-invariant (see reference.swiglu_linear_invariant).
+
+    gate_up [T, 2I], weight [N, I], out [T, N]; act [T, I] is caller-owned scratch as in
+    swiglu_linear. On CUDA the fused kernel serves any T when I % 8 == 0 and gate_up / weight are
+    16-byte aligned and contiguous (act untouched); otherwise swiglu into act, then
+    linear_invariant (which has the same requirements on act). Either way the result is bitwise
+    that of swiglu + linear_invariant, row by row independent of T."""
+    if out.is_cuda:
+        inter = weight.shape[-1]
+        if (inter % 8 == 0 and gate_up.is_contiguous() and weight.is_contiguous()
+                and gate_up.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
+            return _kernels().swiglu_linear_invariant(gate_up, weight, out)
+        _kernels().swiglu(gate_up, act)
+        return _kernels().linear_invariant(act, weight, out)
+    reference.swiglu(gate_up, act)
+    reference.linear_invariant(act, weight, out)
+
+
 def rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, block_table, q_out):
+    """See reference.rope_kv_write: block_table [MB] (one sequence) or [T, MB] (one table row per
+    token); tokens with position < 0 are padding (no K/V write, zero q_out row)."""
     if q_out.is_cuda:
         return _kernels().rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, block_table,
                                         q_out)
@@ -115,16 +149,23 @@ def decode_attention(q, k_cache, v_cache, block_tables, positions, scale: float,
     return reference.decode_attention(q, k_cache, v_cache, block_tables, positions, scale, out)
 
 
-def attention_workspace_numel(batch: int, num_q_heads: int, head_dim: int, max_len: int) -> int:
-    """fp32 elements of split-K scratch the decode attention kernel needs for these sizes."""
+def attention_workspace_numel(batch: int, num_q_heads: int, head_dim: int, max_len: int,
+                              num_kv_heads: int = 0) -> int:
+    """fp32 elements of split-K scratch the decode attention kernel needs for up to `batch` rows
+    and lengths up to `max_len`. num_kv_heads = 0 bounds it over every kv head count the kernel
+    serves; pass the model's count for the exact (often much smaller) size."""
     if not cuda_kernels_available():
         return 0
-    return int(_kernels().attention_workspace_numel(batch, num_q_heads, head_dim, max_len))
+    return int(_kernels().attention_workspace_numel(batch, num_q_heads, head_dim, max_len,
+                                                    num_kv_heads))
 
 
 def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
-    """The split count decode_attention launches with for this max_len: the only part of a
-    decode step's launch configuration that depends on the sequence length."""
+    """The grid's split count decode_attention launches with for this max_len: the only part of a
+    decode step's launch configuration that depends on the sequence length.
+
+    Independent of `batch` (kept for API stability): each row splits by its own length only, so a
+    row's result is bitwise the same alone or in any batch."""
     if not cuda_kernels_available():
         return 1
     return int(_kernels().decode_attention_splits(batch, num_kv_heads, max_len))

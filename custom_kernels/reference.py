@@ -54,6 +54,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     torch.matmul(x, weight.t(), out=out)
 
 
+# Rows per matmul of linear_invariant on the CPU: one, so that every row is computed by the very
+# same call shape as that row alone (a [1, K] @ [K, N] product). torch's CPU GEMM picks kernels and
+# blockings by shape, so a [T, K] matmul could sum a row in a T-dependent order; a fixed row count
+# per call cannot.
+_INVARIANT_ROWS = 1
+
+
+def linear_invariant(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x @ weight.T with batch invariance: row t of out is bitwise what this op gives for
+    x[t] alone (T = 1), whatever T is. x [T, K], weight [N, K], out [T, N].
+
+    Values equal linear() up to fp32 summation order. Here every row block of _INVARIANT_ROWS rows
+    is copied into a fresh buffer (same alignment for every row) and multiplied on its own, so the
+    reduction order is that of the fixed block shape and cannot depend on T or on the other rows.
+    """
+    wt = weight.t()
+    rows = x.shape[0]
+    for t0 in range(0, rows, _INVARIANT_ROWS):
+        t1 = min(t0 + _INVARIANT_ROWS, rows)
+        block = torch.empty(_INVARIANT_ROWS, x.shape[1], dtype=x.dtype, device=x.device)
+        block[: t1 - t0].copy_(x[t0:t1])
+        block[t1 - t0:].zero_()
+        res = torch.matmul(block, wt)                     # [_INVARIANT_ROWS, N]
+        out[t0:t1].copy_(res[: t1 - t0])
+
+
 def swiglu(gate_up: torch.Tensor, out: torch.Tensor) -> None:
     """gate_up [T, 2I] (gate columns first, then up), out [T, I] = silu(gate) * up.
 
@@ -75,6 +101,17 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor, out: torch.Tensor
                       device=gate_up.device)
     swiglu(gate_up, act)
     linear(act, weight, out)
+
+
+def swiglu_linear_invariant(gate_up: torch.Tensor, weight: torch.Tensor,
+                            out: torch.Tensor) -> None:
+    """swiglu_linear with batch invariance: swiglu() (elementwise, so row-independent) into a
+    [T, I] intermediate rounded to the dtype, then linear_invariant(). gate_up [T, 2I],
+    weight [N, I], out [T, N]."""
+    act = torch.empty(*gate_up.shape[:-1], weight.shape[1], dtype=gate_up.dtype,
+                      device=gate_up.device)
+    swiglu(gate_up, act)
+    linear_invariant(act, weight, out)
 
 
 # ----------------------------------------------------------------------------- RoPE + paged KV
@@ -107,20 +144,36 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     """Rotate q and k, write k and v into the paged cache, write rotated q.
 
     qkv [T, (nq + 2*nkv) * D]   positions [T] int32   cos, sin [P, D/2] fp32
-    k_cache, v_cache [NB, BS, nkv, D]   block_table [MB] int32   q_out [T, nq, D]
+    k_cache, v_cache [NB, BS, nkv, D]   q_out [T, nq, D]
+    block_table [MB] int32 (every token belongs to one sequence) or [T, MB] int32 (row t is token
+    t's table: a batch of sequences, one token each or several).
+    A token with position < 0 is padding: it writes no K/V anywhere and its q_out row is zeros.
     """
     _, bs, nkv, d = k_cache.shape
     nq = q_out.shape[1]
     t = qkv.shape[0]
+    if block_table.dim() == 1:
+        tables = block_table.long()[None].expand(t, -1)        # [T, MB]
+    elif block_table.dim() == 2 and block_table.shape[0] == t:
+        tables = block_table.long()
+    else:
+        raise ValueError(f"rope_kv_write: block_table must be [MB] or [T, MB] with T = {t}, got "
+                         f"{tuple(block_table.shape)}")
     q = qkv[:, : nq * d].view(t, nq, d)
     k = qkv[:, nq * d: (nq + nkv) * d].view(t, nkv, d)
     v = qkv[:, (nq + nkv) * d:].view(t, nkv, d)
     pos = positions.long()
-    c, s = cos[pos], sin[pos]
-    q_out.copy_(_rotate(q, c, s))
-    blocks, slots = _cache_slots(positions, block_table, bs)
-    k_cache[blocks, slots] = _rotate(k, c, s)
-    v_cache[blocks, slots] = v
+    live = pos >= 0                                            # [T] False: padding
+    q_out.zero_()
+    if not bool(live.any()):
+        return
+    lp = pos[live]
+    c, s = cos[lp], sin[lp]
+    q_out[live] = _rotate(q[live], c, s)
+    blocks = tables[live].gather(1, (lp // bs)[:, None])[:, 0]
+    slots = lp % bs
+    k_cache[blocks, slots] = _rotate(k[live], c, s)
+    v_cache[blocks, slots] = v[live]
 
 
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -149,9 +202,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     q [B, nq, D]   k_cache, v_cache [NB, BS, nkv, D]   block_tables [B, MB] int32
     positions [B] int32 (the query's own position; its k/v are already in the cache)   out [B, nq, D]
+    A row with position < 0 is padding: its out row is zeros (its block table is not read).
+    Rows are independent: a row's result does not depend on the batch it is computed in (the CUDA
+    kernel guarantees this bitwise: its split-K partition of a row depends on that row's length
+    only).
     """
     for b in range(q.shape[0]):
         length = int(positions[b]) + 1
+        if length <= 0:
+            out[b].zero_()
+            continue
         k = _gather_kv(k_cache, block_tables[b], length)
         v = _gather_kv(v_cache, block_tables[b], length)
         out[b] = _attend(q[b: b + 1], k, v, scale, None)[0].to(out.dtype)
@@ -214,10 +274,30 @@ def sampling_support(logits: torch.Tensor, temperature: float, top_k: int, top_p
     return keep, w
 
 
+# Temperatures below this (zero, negative, tiny, NaN) mean greedy decoding. Dividing logits by a
+# tiny temperature overflows fp32 (1e-38 turns every logit into +-inf, and the draw then lands on
+# the last token); greedy is what such a temperature means. Mirrored by the sampling kernel
+# (csrc/sampling.cu kGreedyTemperature).
+GREEDY_TEMPERATURE = 1e-5
+
+
+def _fp32(x: float) -> float:
+    """x rounded to fp32 (overflowing to +-inf), as a Python float."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def is_greedy(temperature: float) -> bool:
+    """True when `temperature` selects greedy decoding: not (fp32(temperature) >=
+    fp32(GREEDY_TEMPERATURE)), so NaN is greedy too. The comparison is in fp32, as the kernel makes
+    it (its temperatures are fp32 and its threshold is the fp32 constant 1e-5f)."""
+    return not _fp32(temperature) >= _fp32(GREEDY_TEMPERATURE)
+
+
 def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int,
                counter: int) -> int:
-    """One token from logits [V]. temperature <= 0 is greedy (first index of the max)."""
-    if temperature <= 0.0:
+    """One token from logits [V]. A temperature below GREEDY_TEMPERATURE is greedy (first index of
+    the max)."""
+    if is_greedy(temperature):
         return int(torch.argmax(logits.float()))
     keep, w = sampling_support(logits, temperature, top_k, top_p)
     target = uniform(seed, counter) * float(w.sum())
@@ -236,9 +316,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     positions [B] int32: the position the logits belong to; it keys the RNG and is then incremented.
     token_in [B] int32: receives the token (the next step's input).
     token_hist [B, MAXLEN] int32: receives the token at index positions[b] + 1.
+    A row with position < 0 is padding: nothing is written and its position stays as it is.
+    Rows are independent (a row's token depends on its own logits, parameters, seed and position).
     """
     for b in range(logits.shape[0]):
         pos = int(positions[b])
+        if pos < 0:
+            continue
         tok = sample_row(logits[b], float(temperature[b]), int(top_k[b]), float(top_p[b]),
                          int(seed[b]), pos)
         token_in[b] = tok

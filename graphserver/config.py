@@ -365,7 +365,9 @@ class EngineConfig:
     graph_bucket: int = _d.DEFAULT_GRAPH_BUCKET    # batch-1 session graphs: 1 = exact-length graphs
     batch_graphs: bool = True             # capture batched decode graphs in the background (CUDA)
     max_batch_graphs: int = 48            # resident batched graphs (LRU beyond)
-    batch_invariant: bool = True          # batched GEMMs whose per-row reduction order ignores B
+    # Batch-invariant GEMMs above 8 rows too (GEMV over row groups; 4-15x slower than cuBLAS
+    # there, measured). Off: rows <= 8 are invariant anyway (one GEMV kernel), cuBLAS above.
+    batch_invariant: bool = False
     session_ttl_s: float = _d.DEFAULT_SESSION_TTL_S  # idle sessions are reclaimable after this long (0: never)
     wait_s: float = 10.0                  # a session replay waits this long for a missing graph
     max_inflight: int = 32                # session replay: steps queued ahead of the GPU

@@ -74,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--step-layers", type=int, default=0,
                    help="layers in the step graph (default: all for SmolLM2, 4 for Llama-2-7B)")
     p.add_argument("--step-len", type=int, default=512, help="KV length of the step graph")
+    p.add_argument("--invariant-tokens", type=int, nargs="*", default=[16, 64],
+                   help="token counts T > 1 at which linear_invariant is timed against cuBLAS "
+                        "(default: 16 64; none to skip)")
     p.add_argument("--emit-rows", action="store_true", help=argparse.SUPPRESS)  # child mode
     return p.parse_args(argv)
 
@@ -270,6 +273,24 @@ class Bench:
             t = self.time_graph(self.rotate(n, lambda i: torch.matmul(x, wts[i].t(), out=out)))
             self.record(f"linear:{label}", name, f"T=1 N={N} K={K}", t, min_bytes, impl="cublas")
             del wts
+
+        # batch-invariant linear (the batched decode engine) at T > 1 vs torch.matmul (cuBLAS,
+        # whose kernel choice depends on T, hence not invariant)
+        for tokens in self.args.invariant_tokens:
+            for label, N, K in shapes:
+                wbytes = N * K * es
+                n = self.copies_for(wbytes)
+                wts = [self.rand(N, K, scale=1.0 / math.sqrt(K)) for _ in range(n)]
+                x = self.rand(tokens, K)
+                out = torch.empty(tokens, N, dtype=self.dtype, device=self.dev)
+                min_bytes = wbytes + tokens * (K + N) * es
+                t = self.time_graph(self.rotate(n, lambda i: ops.linear_invariant(x, wts[i], out)))
+                self.record(f"linear:{label}", name, f"T={tokens} N={N} K={K}", t, min_bytes,
+                            impl="invar")
+                t = self.time_graph(self.rotate(n, lambda i: torch.matmul(x, wts[i].t(), out=out)))
+                self.record(f"linear:{label}", name, f"T={tokens} N={N} K={K}", t, min_bytes,
+                            impl="cublas")
+                del wts
 
         # fused SwiGLU + down projection at T = 1 vs swiglu then linear (two launches)
         wbytes = H * I * es

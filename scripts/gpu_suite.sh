@@ -22,6 +22,11 @@ phases:
   retest   after a kernel-test pass: kernel tests (KERNEL_K=EXPR selects some), engine suite,
            the default-model parity scripts and both runs
   bench    scripts/bench_kernels.py and scripts/bench_decode.py $BENCH_ARGS
+  kernels  pytest -m cuda on the kernel tests alone (-n 16)
+  batch    pytest -m cuda on the batched engine (tests/test_batching_cuda.py)
+  model    what needs the staged default model: the engine suite, both default-model parity
+           scripts, run_custom_50
+  batchbench  scripts/bench_batch.py $BATCH_ARGS (default: 1B and 7B, B = 1..256)
 
 environment: GRAPHSERVER_GGUF (the staged default-model GGUF), MAX_JOBS (default 16), LOGS, OUT,
 BENCH_ARGS, KERNEL_K
@@ -33,7 +38,7 @@ case "${1:-}" in
 esac
 for what in "$@"; do
   case $what in
-    build|test|retest|bench) ;;
+    build|test|retest|bench|kernels|batch|model|batchbench) ;;
     *) echo "gpu_suite: unknown phase '$what' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -82,6 +87,24 @@ for what in "$@"; do
       phase run_custom_50 300 python3 scripts/run_custom_50.py
       phase direct_500 300 python3 scripts/direct_custom_decode_500.py
       cp output/run_custom_50.* output/direct_custom_decode_500.* "$LOGS/" 2>/dev/null
+      ;;
+    kernels)
+      phase pytest_kernels 330 python3 -m pytest -m cuda -q -n 16 tests/test_kernels_cuda.py
+      ;;
+    batch)
+      phase pytest_batch 240 python3 -m pytest -m cuda -q -rA tests/test_batching_cuda.py
+      ;;
+    model)
+      phase pytest_engine 240 python3 -m pytest -m cuda -q -rA tests/test_engine_cuda.py
+      phase parity1_default 120 python3 scripts/debug_parity_one_step.py --device cuda
+      phase parity8_default 120 python3 scripts/debug_parity_seq8.py --device cuda
+      phase parity1_hd128 120 python3 scripts/debug_parity_one_step.py --device cuda --model random:tiny-hd128
+      phase run_custom_50 150 python3 scripts/run_custom_50.py
+      cp output/run_custom_50.* "$LOGS/" 2>/dev/null
+      ;;
+    batchbench)
+      phase bench_batch 420 python3 scripts/bench_batch.py ${BATCH_ARGS:-}
+      cp output/bench/batch_*.json "$LOGS/" 2>/dev/null; cp output/bench/batch_*.json "$OUT/" 2>/dev/null
       ;;
     bench)
       phase bench_kernels 400 python3 scripts/bench_kernels.py

@@ -17,7 +17,7 @@ def _engine(**kw):
         pytest.skip("needs the compiled kernels")
     base = dict(model="random:smollm2-135m", device="cuda", dtype="bf16", max_len=512,
                 kv_blocks=64 * 20 + 8, block_size=16, max_num_seqs=64, prefill_chunk=128,
-                log=lambda m: None)
+                batch_invariant=True, log=lambda m: None)
     base.update(kw)
     return Engine(**base)
 
@@ -114,11 +114,11 @@ def test_no_allocation_across_batched_steps(eng):
         eng.run_step()
     for _ in range(3):
         eng.run_step()
-    torch.cuda.synchronize()
+    eng.core.replay_stream.synchronize()
     before = torch.cuda.memory_allocated()
     for _ in range(20):
         eng.run_step()
-    torch.cuda.synchronize()
+    eng.core.replay_stream.synchronize()
     assert torch.cuda.memory_allocated() == before
     while eng.has_work:
         eng.run_step()

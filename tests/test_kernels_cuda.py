@@ -872,3 +872,429 @@ def test_pdl_decode_chain_graph_and_stream_match_serialized(dtype):
         graph.replay()
     torch.cuda.synchronize()
     _assert_states_equal(graphed, serial, "graph replay")
+
+
+# ----------------------------------------------------------------------------- batched engine rows
+# A continuous-batching decode step runs B rows of different sequences and lengths, padded up to a
+# batch bucket with rows whose position is < 0. Each op below must (a) match the reference on such
+# batches, (b) leave padding rows' side effects out (no KV write, no sampled token), and (c) give a
+# row bitwise the same result alone as inside a batch of 64 (batch invariance).
+
+BATCHES = [1, 3, 17, 64]
+
+
+def _batch_positions(batch: int, max_len: int, seed: int, pad_every: int = 5) -> list[int]:
+    """Row positions (length - 1): block-edge lengths first, then random ones; every pad_every-th
+    row from the third on is padding (-1, or -6 for variety)."""
+    edges = [0, 14, 15, 16, 31, 32, 33, 63, 64, 256, max_len - 1]
+    rnd = torch.randint(0, max_len, (batch,), generator=_gen(seed)).tolist()
+    pos = [(edges[b] if b < len(edges) else rnd[b]) for b in range(batch)]
+    for b in range(2, batch, pad_every):
+        pos[b] = -1 if (b // pad_every) % 2 == 0 else -6
+    return pos
+
+
+ROPE_BATCH_HEADS = [(9, 3, 64), (32, 8, 128)]
+
+
+def _rope_setup_batched(batch, nq, nkv, d, dtype, seed, max_positions=300, block_size=16):
+    max_blocks = math.ceil(max_positions / block_size)
+    num_blocks = batch * max_blocks + 3
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    cos, sin = reference.rope_tables(inv_freq, max_positions)
+    qkv = randn(batch, (nq + 2 * nkv) * d, dtype=dtype, seed=seed)
+    positions = torch.tensor(_batch_positions(batch, max_positions, seed + 1), dtype=torch.int32)
+    tables = make_block_tables(batch, max_blocks, num_blocks, seed=seed + 2)     # [B, MB]
+    sentinel = -768.0  # exact in bf16 and fp16
+    k_cache = torch.full((num_blocks, block_size, nkv, d), sentinel, dtype=dtype, device=DEV)
+    v_cache = torch.full((num_blocks, block_size, nkv, d), sentinel, dtype=dtype, device=DEV)
+    return dict(qkv=qkv, positions=positions, tables=tables, cos=cos, sin=sin, k=k_cache,
+                v=v_cache, sentinel=sentinel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("nq,nkv,d", ROPE_BATCH_HEADS, ids=["9-3-64", "32-8-128"])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_rope_kv_write_batched_tables_and_padding(dtype, nq, nkv, d, batch):
+    s = _rope_setup_batched(batch, nq, nkv, d, dtype, seed=300 + batch)
+    q_out = poisoned(batch, nq, d, dtype=dtype)
+    k_ref, v_ref = s["k"].cpu().clone(), s["v"].cpu().clone()
+    q_ref = torch.empty(batch, nq, d, dtype=dtype)
+    reference.rope_kv_write(s["qkv"].cpu(), s["positions"], s["cos"], s["sin"], k_ref, v_ref,
+                            s["tables"], q_ref)
+    ops.rope_kv_write(s["qkv"], s["positions"].to(DEV), s["cos"].to(DEV), s["sin"].to(DEV),
+                      s["k"], s["v"], s["tables"].to(DEV), q_out)
+    torch.testing.assert_close(q_out.cpu(), q_ref, **TOL[dtype])
+    torch.testing.assert_close(s["k"].cpu(), k_ref, **TOL[dtype])
+    assert torch.equal(s["v"].cpu(), v_ref)
+    live = s["positions"] >= 0
+    # Padding rows: q_out exactly zero (it was NaN), and only live tokens' slots were written.
+    assert torch.equal(q_out.cpu()[~live], torch.zeros(int((~live).sum()), nq, d, dtype=dtype))
+    written = (s["k"].cpu() != s["sentinel"]).any(dim=-1).any(dim=-1)          # [NB, BS]
+    written_v = (s["v"].cpu() != s["sentinel"]).any(dim=-1).any(dim=-1)
+    assert int(written.sum()) == int(live.sum()) and torch.equal(written, written_v)
+    if batch >= 3:
+        assert int((~live).sum()) >= 1  # the case does contain padding
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("nq,nkv,d", ROPE_BATCH_HEADS, ids=["9-3-64", "32-8-128"])
+def test_rope_kv_write_batch_invariance(dtype, nq, nkv, d):
+    """B = 64 in one launch ([B, MB] tables) vs each row alone ([MB] table): bitwise equal q rows
+    and caches."""
+    batch = 64
+    s = _rope_setup_batched(batch, nq, nkv, d, dtype, seed=320)
+    pos_dev, tables_dev = s["positions"].to(DEV), s["tables"].to(DEV)
+    cos, sin = s["cos"].to(DEV), s["sin"].to(DEV)
+    k_alone, v_alone = s["k"].clone(), s["v"].clone()
+    q_batch = poisoned(batch, nq, d, dtype=dtype)
+    ops.rope_kv_write(s["qkv"], pos_dev, cos, sin, s["k"], s["v"], tables_dev, q_batch)
+    for b in range(batch):
+        q_one = poisoned(1, nq, d, dtype=dtype)
+        ops.rope_kv_write(s["qkv"][b:b + 1], pos_dev[b:b + 1], cos, sin, k_alone, v_alone,
+                          tables_dev[b], q_one)
+        assert torch.equal(q_one[0], q_batch[b]), f"row {b}: q_out differs alone vs batched"
+    torch.cuda.synchronize()
+    assert torch.equal(k_alone, s["k"]) and torch.equal(v_alone, s["v"])
+
+
+def test_rope_kv_write_rejects_bad_table_shapes():
+    dtype, nq, nkv, d, t = torch.bfloat16, 4, 2, 64, 3
+    qkv = randn(t, (nq + 2 * nkv) * d, dtype=dtype, seed=330)
+    positions = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV)
+    cos, sin = (x.to(DEV) for x in reference.rope_tables(torch.ones(d // 2), 16))
+    k_cache, v_cache = make_cache(4, 16, nkv, d, dtype, seed=331)
+    q_out = poisoned(t, nq, d, dtype=dtype)
+    for bad in (torch.zeros(2, 4, dtype=torch.int32, device=DEV),
+                torch.zeros(3, 1, 4, dtype=torch.int32, device=DEV)):
+        with pytest.raises(RuntimeError, match=r"block_table must be \[MB\] \(one sequence\) or "
+                                               r"\[T, MB\] with T = 3"):
+            ops.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, bad, q_out)
+    with pytest.raises(RuntimeError, match="MB > 0"):
+        ops.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache,
+                          torch.zeros(3, 0, dtype=torch.int32, device=DEV), q_out)
+
+
+DECODE_BATCH_HEADS = [(9, 3, 64), (32, 8, 128), (15, 5, 64)]
+DECODE_BATCH_IDS = ["9-3-64", "32-8-128", "15-5-64"]
+
+
+def _decode_batch_setup(positions, nq, nkv, d, dtype, block_size, max_len, seed):
+    batch = len(positions)
+    max_blocks = math.ceil(max_len / block_size)
+    num_blocks = batch * max_blocks + 2
+    k_cache, v_cache = make_cache(num_blocks, block_size, nkv, d, dtype, seed=seed)
+    tables = make_block_tables(batch, max_blocks, num_blocks, seed=seed + 1).to(DEV)
+    pos = torch.tensor(positions, dtype=torch.int32, device=DEV)
+    q = randn(batch, nq, d, dtype=dtype, seed=seed + 2)
+    return q, k_cache, v_cache, tables, pos
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("nq,nkv,d", DECODE_BATCH_HEADS, ids=DECODE_BATCH_IDS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_decode_attention_batched_mixed_lengths_and_padding(dtype, nq, nkv, d, batch):
+    max_len, block_size = 1100, 16
+    positions = _batch_positions(batch, max_len, seed=340 + batch)
+    q, k_cache, v_cache, tables, pos = _decode_batch_setup(positions, nq, nkv, d, dtype,
+                                                           block_size, max_len + 37, seed=341)
+    scale = 1.0 / math.sqrt(d)
+    out = run_decode(q, k_cache, v_cache, tables, pos, scale, max_len + 37)
+    ref = decode_reference(q, k_cache, v_cache, tables, pos, scale)
+    torch.testing.assert_close(out.cpu(), ref, **ATTN_TOL_LONG[dtype])
+    pad = torch.tensor(positions) < 0
+    assert torch.equal(out.cpu()[pad], torch.zeros(int(pad.sum()), nq, d, dtype=dtype))
+    if batch >= 3:
+        assert bool(pad.any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("nq,nkv,d", DECODE_BATCH_HEADS, ids=DECODE_BATCH_IDS)
+def test_decode_attention_batch_invariance(dtype, nq, nkv, d):
+    """Each row of a B = 64 launch (max_len 3000) equals, bitwise, the row computed alone, with a
+    launch sized for its own length and with one sized for the batch's max_len."""
+    batch, max_len, block_size = 64, 3000, 32
+    positions = _batch_positions(batch, max_len, seed=350)
+    q, k_cache, v_cache, tables, pos = _decode_batch_setup(positions, nq, nkv, d, dtype,
+                                                           block_size, max_len, seed=351)
+    scale = 1.0 / math.sqrt(d)
+    out = run_decode(q, k_cache, v_cache, tables, pos, scale, max_len)
+    # Splitting really happens in this case (else the test would be vacuous).
+    assert ops.decode_attention_splits(batch, nkv, max_len) > 1
+    for b in range(batch):
+        own = max(1, positions[b] + 1)
+        for launch_len in ((own, max_len) if b % 8 == 0 else (own,)):
+            alone = run_decode(q[b:b + 1], k_cache, v_cache, tables[b:b + 1], pos[b:b + 1], scale,
+                               launch_len)
+            assert torch.equal(alone[0], out[b]), (
+                f"row {b} (position {positions[b]}): alone with max_len {launch_len} differs")
+
+
+def test_decode_attention_splits_do_not_depend_on_batch():
+    for nkv in (1, 3, 8, 32):
+        for max_len in (1, 32, 33, 100, 1000, 4096, 16384, 100000):
+            one = ops.decode_attention_splits(1, nkv, max_len)
+            # Batch 1 keeps the split choice it always had.
+            assert one == max(1, min(math.ceil(max_len / 32), math.ceil(264 / nkv), 256))
+            for batch in (2, 17, 64, 512):
+                assert ops.decode_attention_splits(batch, nkv, max_len) == one
+
+
+@pytest.mark.parametrize("nq,nkv", [(9, 3), (32, 32)])
+def test_decode_attention_exact_workspace_for_known_kv_heads(nq, nkv):
+    """attention_workspace_numel(..., num_kv_heads) is the exact need: a workspace of precisely
+    that size (NaN-poisoned) serves the launch, and it never exceeds the any-nkv bound."""
+    dtype, d, batch, max_len = torch.bfloat16, 64, 17, 700
+    exact = ops.attention_workspace_numel(batch, nq, d, max_len, nkv)
+    assert 0 < exact <= ops.attention_workspace_numel(batch, nq, d, max_len)
+    positions = _batch_positions(batch, max_len, seed=360)
+    q, k_cache, v_cache, tables, pos = _decode_batch_setup(positions, nq, nkv, d, dtype, 16,
+                                                           max_len, seed=361)
+    out = poisoned(batch, nq, d, dtype=dtype)
+    ws = torch.full((exact,), float("nan"), dtype=torch.float32, device=DEV)
+    ops.decode_attention(q, k_cache, v_cache, tables, pos, 0.125, out, ws, max_len)
+    ref = decode_reference(q, k_cache, v_cache, tables, pos, 0.125)
+    torch.testing.assert_close(out.cpu(), ref, **ATTN_TOL[dtype])
+    with pytest.raises(RuntimeError, match="needs a float32 workspace"):
+        ops.decode_attention(q, k_cache, v_cache, tables, pos, 0.125, out, ws[:exact - 1], max_len)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_decode_attention_batched_graph_replay_with_padding(dtype):
+    """Captured once for (B = 17, max_len = 600), replayed with new lengths and padding rows."""
+    nq, nkv, d, batch, max_len = 9, 3, 64, 17, 600
+    positions = _batch_positions(batch, max_len, seed=370)
+    q, k_cache, v_cache, tables, pos = _decode_batch_setup(positions, nq, nkv, d, dtype, 16,
+                                                           max_len, seed=371)
+    out = poisoned(batch, nq, d, dtype=dtype)
+    ws = torch.empty(ops.attention_workspace_numel(batch, nq, d, max_len), dtype=torch.float32,
+                     device=DEV)
+    scale = 1.0 / math.sqrt(d)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.decode_attention(q, k_cache, v_cache, tables, pos, scale, out, ws, max_len)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        ops.decode_attention(q, k_cache, v_cache, tables, pos, scale, out, ws, max_len)
+    for seed in (372, 373, 374):
+        new = _batch_positions(batch, max_len, seed=seed, pad_every=3)
+        pos.copy_(torch.tensor(new, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = decode_reference(q, k_cache, v_cache, tables, pos, scale)
+        torch.testing.assert_close(out.cpu(), ref, **ATTN_TOL[dtype])
+        pad = torch.tensor(new) < 0
+        assert torch.equal(out.cpu()[pad], torch.zeros(int(pad.sum()), nq, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_sample_tiny_temperatures_are_greedy_and_padding_rows_write_nothing(dtype):
+    vocab, hist_len = 32003, 64
+    temps = [1e-38, 1e-30, 1e-7, 9.9e-6, 0.0, float("nan"), 0.8, 1e-38, 1.0, 1e-20]
+    rows = len(temps)
+    start = [5, 0, 17, -1, 40, 8, 2, -3, 9, 61]
+    logits = randn(rows, vocab, dtype=dtype, seed=380, scale=3.0)
+    for b in range(rows):  # a tied maximum, first copy at a row-dependent index
+        first = (b * 997) % (vocab - 10)
+        logits[b, first] = 50.0
+        logits[b, first + 7] = 50.0
+        logits[b, vocab - 1] = 49.0  # the last id, where an overflowed draw used to land
+    buf = sample_buffers(rows, hist_len, start, temps, [0, 40] * 5, [1.0, 0.9] * 5,
+                         list(range(rows)))
+    run_sample(logits, buf)
+    pos, tok, hist = buf["positions"].cpu(), buf["token_in"].cpu(), buf["token_hist"].cpu()
+    logits_cpu = logits.cpu()
+    for b in range(rows):
+        if start[b] < 0:
+            assert int(pos[b]) == start[b] and int(tok[b]) == -7
+            assert torch.equal(hist[b], torch.full((hist_len,), -7, dtype=torch.int32))
+            continue
+        assert int(pos[b]) == start[b] + 1 and int(hist[b, start[b] + 1]) == int(tok[b])
+        expect = reference.sample_row(logits_cpu[b], temps[b], [0, 40][b % 2], [1.0, 0.9][b % 2],
+                                      b, start[b])
+        if reference.is_greedy(temps[b]):
+            assert int(tok[b]) == (b * 997) % (vocab - 10) == expect, f"row {b} temp {temps[b]}"
+        else:
+            keep, _ = reference.sampling_support(logits_cpu[b], temps[b], [0, 40][b % 2],
+                                                 [1.0, 0.9][b % 2])
+            assert bool(keep[int(tok[b])])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_sample_batch_invariance(dtype):
+    """A B = 64 launch (greedy, tiny-temperature and seeded sampling rows, padding rows) gives each
+    row the token it gets alone; positions and histories follow."""
+    rows, vocab, hist_len = 64, 49152, 128
+    logits = randn(rows, vocab, dtype=dtype, seed=390, scale=3.0)
+    logits[::9, : vocab // 8] = logits[::9, :1]  # tie-heavy rows
+    configs = [SAMPLING_CONFIGS[b % len(SAMPLING_CONFIGS)] for b in range(rows)]
+    configs[5] = (0.0, 0, 1.0)
+    configs[11] = (1e-30, 50, 0.9)
+    gen = _gen(391)
+    seeds = torch.randint(-(2 ** 62), 2 ** 62, (rows,), generator=gen).tolist()
+    start = torch.randint(0, hist_len - 1, (rows,), generator=gen).tolist()
+    for b in range(3, rows, 7):
+        start[b] = -1
+    temps, top_ks, top_ps = ([c[i] for c in configs] for i in range(3))
+    buf = sample_buffers(rows, hist_len, start, temps, top_ks, top_ps, seeds)
+    run_sample(logits, buf)
+    for b in range(rows):
+        one = sample_buffers(1, hist_len, [start[b]], [temps[b]], [top_ks[b]], [top_ps[b]],
+                             [seeds[b]])
+        run_sample(logits[b:b + 1].clone(), one)
+        assert int(one["token_in"][0]) == int(buf["token_in"][b]), f"row {b}"
+        assert int(one["positions"][0]) == int(buf["positions"][b])
+        assert torch.equal(one["token_hist"][0], buf["token_hist"][b])
+    pad = torch.tensor(start) < 0
+    assert torch.equal(buf["positions"].cpu()[pad], torch.tensor(start, dtype=torch.int32)[pad])
+    assert bool((buf["token_in"].cpu()[pad] == -7).all())
+    live_tokens = buf["token_in"].cpu()[~pad]
+    assert len(set(live_tokens.tolist())) > 1  # it samples different tokens per row
+
+
+# (N, K): one warp per group with two rows (3072 x 576), 2 / 4 warps per group (576 x 1536,
+# 4096 x 4096), the multi-batch deep row (4096 x 11008 at TB = 8), an odd N with a partial last
+# tile (1001 x 200).
+INVARIANT_SHAPES = [(576, 576), (3072, 576), (576, 1536), (4096, 4096), (1001, 200), (4096, 11008)]
+INVARIANT_TOKENS = [1, 3, 8, 9, 17, 64, 513]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,k", INVARIANT_SHAPES)
+def test_linear_invariant_matches_reference_and_rows_alone(dtype, n, k):
+    w = randn(n, k, dtype=dtype, seed=400, scale=1.0 / math.sqrt(k))
+    x_all = randn(max(INVARIANT_TOKENS), k, dtype=dtype, seed=401)
+    alone = poisoned(x_all.shape[0], n, dtype=dtype)
+    for t in range(x_all.shape[0]):  # each row alone (T = 1), from its own fresh buffer
+        row = x_all[t:t + 1].clone()
+        ops.linear_invariant(row, w, alone[t:t + 1])
+    for tokens in INVARIANT_TOKENS:
+        x = x_all[:tokens].clone()
+        out = poisoned(tokens, n, dtype=dtype)
+        ops.linear_invariant(x, w, out)
+        ref = torch.empty(tokens, n, dtype=dtype)
+        reference.linear(x.cpu(), w.cpu(), ref)
+        torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+        bad = (out != alone[:tokens]).any(dim=1).nonzero().flatten().tolist()
+        assert not bad, f"T = {tokens}: rows {bad[:8]} differ from the same rows computed alone"
+        if tokens <= 8:  # the same kernel as linear's GEMV path
+            plain = poisoned(tokens, n, dtype=dtype)
+            ops.linear(x, w, plain)
+            assert torch.equal(plain, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,inter", [(576, 1536), (1001, 200), (1061, 4104), (4096, 11008)])
+def test_swiglu_linear_invariant_matches_reference_and_rows_alone(dtype, n, inter):
+    w = randn(n, inter, dtype=dtype, seed=410, scale=1.0 / math.sqrt(inter))
+    gu_all = randn(max(INVARIANT_TOKENS), 2 * inter, dtype=dtype, seed=411, scale=3.0)
+    alone = poisoned(gu_all.shape[0], n, dtype=dtype)
+    scratch = poisoned(1, inter, dtype=dtype)
+    for t in range(gu_all.shape[0]):
+        ops.swiglu_linear_invariant(gu_all[t:t + 1].clone(), w, alone[t:t + 1], scratch)
+    assert torch.isnan(scratch).all().item()  # the fused kernel served every row
+    for tokens in INVARIANT_TOKENS:
+        gu = gu_all[:tokens].clone()
+        out = poisoned(tokens, n, dtype=dtype)
+        act = poisoned(tokens, inter, dtype=dtype)
+        ops.swiglu_linear_invariant(gu, w, out, act)
+        ref = torch.empty(tokens, n, dtype=dtype)
+        reference.swiglu_linear(gu.cpu(), w.cpu(), ref)
+        torch.testing.assert_close(out.cpu(), ref, **TOL[dtype])
+        bad = (out != alone[:tokens]).any(dim=1).nonzero().flatten().tolist()
+        assert not bad, f"T = {tokens}: rows {bad[:8]} differ from the same rows computed alone"
+        # Bitwise swiglu then linear_invariant.
+        two_step = poisoned(tokens, n, dtype=dtype)
+        ops.swiglu(gu, act)
+        ops.linear_invariant(act, w, two_step)
+        assert torch.equal(out, two_step)
+
+
+def test_swiglu_linear_invariant_fallback_for_unaligned_views():
+    """A gate_up view 2 bytes past alignment takes swiglu + linear_invariant through act: still
+    bitwise the fused result of an aligned copy."""
+    dtype, tokens, n, inter = torch.bfloat16, 19, 300, 64
+    base = randn(tokens * 2 * inter + 1, dtype=dtype, seed=420, scale=3.0)
+    gu = base[1:].view(tokens, 2 * inter)
+    w = randn(n, inter, dtype=dtype, seed=421, scale=0.125)
+    out = poisoned(tokens, n, dtype=dtype)
+    act = poisoned(tokens, inter, dtype=dtype)
+    ops.swiglu_linear_invariant(gu, w, out, act)
+    assert not torch.isnan(act).any().item()  # the fallback wrote the intermediate
+    fused = poisoned(tokens, n, dtype=dtype)
+    ops.swiglu_linear_invariant(gu.clone(), w, fused, poisoned(tokens, inter, dtype=dtype))
+    assert torch.equal(out, fused)
+
+
+def test_linear_invariant_refuses_what_it_cannot_serve():
+    w = randn(16, 20, dtype=torch.bfloat16, seed=430)
+    with pytest.raises(RuntimeError, match=r"K % 8 == 0 .* got K = 20"):
+        ops.linear_invariant(randn(9, 20, dtype=torch.bfloat16, seed=431), w,
+                             poisoned(9, 16, dtype=torch.bfloat16))
+    base = randn(3 * 24 + 1, dtype=torch.bfloat16, seed=432)
+    w24 = randn(16, 24, dtype=torch.bfloat16, seed=433)
+    with pytest.raises(RuntimeError, match="x misaligned"):
+        ops.linear_invariant(base[1:].view(3, 24), w24, poisoned(3, 16, dtype=torch.bfloat16))
+    gu = randn(2, 48, dtype=torch.bfloat16, seed=434)
+    with pytest.raises(RuntimeError, match="overlap"):
+        torch.ops.custom_kernels.swiglu_linear_invariant(gu, w24, gu.view(-1)[:32].view(2, 16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_linear_invariant_graph_replay(dtype):
+    """Captured for T = 40 (5 token groups), replayed with new inputs: equal to eager, and the
+    eager rows equal the rows alone."""
+    n, k, tokens = 960, 576, 40
+    stream = torch.cuda.Stream()
+    w = randn(n, k, dtype=dtype, seed=440, scale=1.0 / math.sqrt(k))
+    x = randn(tokens, k, dtype=dtype, seed=441)
+    out = poisoned(tokens, n, dtype=dtype)
+    torch.cuda.synchronize()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.linear_invariant(x, w, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        ops.linear_invariant(x, w, out)
+    for seed in (442, 443):
+        x.copy_(randn(tokens, k, dtype=dtype, seed=seed))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = poisoned(tokens, n, dtype=dtype)
+        ops.linear_invariant(x, w, eager)
+        assert torch.equal(out, eager)
+        for t in (0, 7, 8, 39):
+            one = poisoned(1, n, dtype=dtype)
+            ops.linear_invariant(x[t:t + 1].clone(), w, one)
+            assert torch.equal(one[0], out[t])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("hidden", [576, 4096, 200])
+def test_norms_and_embedding_batch_invariance(dtype, hidden):
+    """The other row ops of the batched step (embedding, rmsnorm, add_rmsnorm: one block per row,
+    sized by H only) give each row of a B = 64 launch the bits it gets alone."""
+    batch, vocab = 64, 1000
+    table = randn(vocab, hidden, dtype=dtype, seed=450)
+    ids = torch.randint(0, vocab, (batch,), generator=_gen(451)).to(torch.int32).to(DEV)
+    x = randn(batch, hidden, dtype=dtype, seed=452)
+    residual = randn(batch, hidden, dtype=dtype, seed=453, scale=3.0)
+    w = randn(hidden, dtype=dtype, seed=454)
+    emb, normed, added = (poisoned(batch, hidden, dtype=dtype) for _ in range(3))
+    res_b = residual.clone()
+    ops.embedding(ids, table, emb)
+    ops.rmsnorm(x, w, 1e-5, normed)
+    ops.add_rmsnorm(x, res_b, w, 1e-5, added)
+    for b in range(batch):
+        e1, n1, a1 = (poisoned(1, hidden, dtype=dtype) for _ in range(3))
+        r1 = residual[b:b + 1].clone()
+        ops.embedding(ids[b:b + 1], table, e1)
+        ops.rmsnorm(x[b:b + 1].clone(), w, 1e-5, n1)
+        ops.add_rmsnorm(x[b:b + 1].clone(), r1, w, 1e-5, a1)
+        assert torch.equal(e1[0], emb[b]) and torch.equal(n1[0], normed[b]), b
+        assert torch.equal(a1[0], added[b]) and torch.equal(r1[0], res_b[b]), b

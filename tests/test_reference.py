@@ -697,3 +697,193 @@ def test_sample_two_calls_continue_from_advanced_positions():
     assert hist[0, :3].tolist() == [-5, -5, -5] and hist[0, 5:].tolist() == [-5, -5, -5]
     assert int(hist[0, 3]) == ref.sample_row(logits[0], 1.0, 0, 1.0, 77, 2)
     assert int(hist[0, 4]) == ref.sample_row(logits[0], 1.0, 0, 1.0, 77, 3) == int(token_in[0])
+
+
+# ============================================================================ batched engine rows
+# (a decode batch: rows of different sequences, padded to a bucket with position < 0 rows)
+
+def test_rope_kv_write_per_token_tables_and_padding():
+    """block_table [T, MB]: token t goes through its own table; padding tokens (position < 0)
+    write no K/V and get a zero q row. Checked slot by slot against HF's rotation."""
+    dtype, nq, nkv, D, NB, BS, MB = torch.float32, 6, 2, 10, 23, 4, 5
+    theta, P = 500.0, MB * BS
+    g = gen(120)
+    perm = torch.randperm(NB, generator=g).to(torch.int32)
+    seq_tables = torch.stack([perm[0:MB], perm[MB:2 * MB], perm[2 * MB:3 * MB]])   # [3, MB]
+    # Tokens of three sequences, interleaved, at block edges; two padding rows.
+    seq = [0, 1, 2, 0, 1, 0, 2, 1]
+    positions = torch.tensor([3, 4, 19, -1, 7, 8, -5, 0], dtype=torch.int32)
+    T = len(seq)
+    tables = seq_tables[seq]                                          # [T, MB]
+    k_cache = (torch.randn(NB, BS, nkv, D, generator=g) * 5 + 2).to(dtype)
+    v_cache = (torch.randn(NB, BS, nkv, D, generator=g) * 5 - 2).to(dtype)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    qkv = randn(T, (nq + 2 * nkv) * D, dtype=dtype, seed=121, scale=2.0)
+    rot = _hf_rope(D, theta, P)
+    cos, sin = ref.rope_tables(rot.inv_freq, P)
+    q_out = poison_like(torch.empty(T, nq, D, dtype=dtype))
+    ref.rope_kv_write(qkv, positions, cos, sin, k_cache, v_cache, tables, q_out)
+
+    q = qkv[:, : nq * D].view(T, nq, D)
+    k = qkv[:, nq * D: (nq + nkv) * D].view(T, nkv, D)
+    v = qkv[:, (nq + nkv) * D:].view(T, nkv, D)
+    touched = torch.zeros(NB, BS, dtype=torch.bool)
+    for t, p in enumerate(positions.tolist()):
+        if p < 0:
+            assert torch.equal(q_out[t], torch.zeros(nq, D)), t
+            continue
+        hf_cos, hf_sin = rot(torch.zeros(1), torch.tensor([[p]]))
+        torch.testing.assert_close(q_out[t], _hf_rotate(q[t:t + 1].float(), hf_cos[0], hf_sin[0])[0],
+                                   rtol=1e-5, atol=1e-5)
+        blk, slot = int(seq_tables[seq[t], p // BS]), p % BS
+        touched[blk, slot] = True
+        torch.testing.assert_close(k_cache[blk, slot],
+                                   _hf_rotate(k[t:t + 1].float(), hf_cos[0], hf_sin[0])[0],
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(v_cache[blk, slot], v[t])
+    assert int(touched.sum()) == 6
+    assert torch.equal(k_cache[~touched], k0[~touched])
+    assert torch.equal(v_cache[~touched], v0[~touched])
+
+
+def test_rope_kv_write_rejects_a_table_of_the_wrong_rows():
+    table, k_cache, v_cache = _rope_setup(torch.float32, 2, 1, 4, NB=4, BS=2, MB=2)
+    cos, sin = ref.rope_tables(torch.tensor([1.0, 0.5]), 4)
+    qkv = randn(3, 16, seed=122)
+    with pytest.raises(ValueError, match=r"block_table must be \[MB\] or \[T, MB\] with T = 3"):
+        ref.rope_kv_write(qkv, torch.tensor([0, 1, 2], dtype=torch.int32), cos, sin, k_cache,
+                          v_cache, table[None].expand(2, -1), torch.empty(3, 2, 4))
+
+
+def test_rope_kv_write_rows_are_batch_invariant():
+    """A token's q_out row and cache slot are bitwise the same whether it is written alone (with its
+    [MB] table) or inside a batch (with a [T, MB] table)."""
+    dtype, nq, nkv, D, NB, BS, MB = torch.bfloat16, 4, 2, 8, 40, 4, 6
+    g = gen(123)
+    perm = torch.randperm(NB, generator=g).to(torch.int32)
+    T = 9
+    tables = perm[: T * 4].view(T, 4).repeat(1, 2)[:, :MB].contiguous()   # distinct blocks per row
+    positions = torch.tensor([5, -1, 0, 15, 3, -2, 8, 12, 1], dtype=torch.int32)
+    k_cache = randn(NB, BS, nkv, D, dtype=dtype, seed=124)
+    v_cache = randn(NB, BS, nkv, D, dtype=dtype, seed=125)
+    qkv = randn(T, (nq + 2 * nkv) * D, dtype=dtype, seed=126)
+    cos, sin = ref.rope_tables(1.0 / (100.0 ** (torch.arange(0, D, 2) / D)), 16)
+    kb, vb = k_cache.clone(), v_cache.clone()
+    qb = poison_like(torch.empty(T, nq, D, dtype=dtype))
+    ref.rope_kv_write(qkv, positions, cos, sin, kb, vb, tables, qb)
+    ka, va = k_cache.clone(), v_cache.clone()
+    for t in range(T):
+        qa = poison_like(torch.empty(1, nq, D, dtype=dtype), seed=t)
+        ref.rope_kv_write(qkv[t:t + 1], positions[t:t + 1], cos, sin, ka, va, tables[t], qa)
+        assert torch.equal(qa[0], qb[t]), t
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_padding_rows_are_zero(dtype):
+    nq, nkv, D, NB, BS, MB = 6, 2, 9, 30, 4, 5
+    g = gen(130)
+    perm = torch.randperm(NB, generator=g).to(torch.int32)
+    tables = perm[: 5 * MB].view(5, MB).clone()
+    tables[1] = 10 ** 6          # a padding row's table is never read
+    k_cache = torch.randn(NB, BS, nkv, D, generator=g).to(dtype)
+    v_cache = torch.randn(NB, BS, nkv, D, generator=g).to(dtype)
+    q = torch.randn(5, nq, D, generator=g).to(dtype)
+    positions = torch.tensor([12, -1, 0, -3, 19], dtype=torch.int32)
+    out = poison_like(q)
+    ref.decode_attention(q, k_cache, v_cache, tables, positions, 0.4, out)
+    for b, p in enumerate(positions.tolist()):
+        if p < 0:
+            assert torch.equal(out[b], torch.zeros(nq, D, dtype=dtype))
+        else:
+            expected = _dense_attention_fp64(q[b][None], k_cache, v_cache, tables[b], [p], 0.4)
+            torch.testing.assert_close(out[b].double(), expected[0], **TOL[dtype])
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-7, 9.9e-6])
+def test_sample_row_tiny_temperature_is_greedy(temperature):
+    """Tiny temperatures overflow x = logits / T; they must mean greedy (first index of the max),
+    not the last token id the overflowed draw lands on."""
+    V = 37
+    logits = randn(V, seed=140, scale=3.0)
+    logits[[4, 20]] = 9.0                                   # tied maximum: the first wins
+    for top_k, top_p in ((0, 1.0), (5, 0.9)):
+        for seed in range(5):
+            assert ref.sample_row(logits, temperature, top_k, top_p, seed, 3) == 4
+    assert ref.is_greedy(temperature)
+
+
+def test_greedy_threshold_is_the_fp32_constant():
+    assert ref.GREEDY_TEMPERATURE == 1e-5
+    assert ref.is_greedy(0.0) and ref.is_greedy(-2.0) and ref.is_greedy(float("nan"))
+    assert not ref.is_greedy(1e-5) and not ref.is_greedy(0.5)
+    # fp32 comparison: the fp32 value nearest 1e-5 (slightly below it) is not greedy, like the
+    # kernel's `temp >= 1e-5f`; the next fp32 value below it is.
+    t32 = float(torch.tensor(1e-5, dtype=torch.float32))
+    below = float(torch.nextafter(torch.tensor(t32), torch.tensor(0.0)))
+    assert t32 < 1e-5 and not ref.is_greedy(t32) and ref.is_greedy(below)
+    # Just above the threshold the sampled path runs and, with a gap of many units, still
+    # picks the max (the non-max weights underflow to 0).
+    logits = torch.tensor([0.0, 1.0, 0.5])
+    assert ref.sample_row(logits, 2e-5, 0, 1.0, 7, 0) == 1
+
+
+def test_sample_padding_rows_write_nothing():
+    B, V, MAXLEN = 5, 17, 10
+    logits = randn(B, V, seed=141, scale=2.0)
+    temperature = torch.tensor([0.9, 0.9, 0.0, 1e-30, 1.1], dtype=torch.float32)
+    top_k = torch.tensor([0, 3, 0, 0, 5], dtype=torch.int32)
+    top_p = torch.tensor([1.0, 0.9, 1.0, 1.0, 0.8], dtype=torch.float32)
+    seed = torch.tensor([11, 12, 13, 14, 15], dtype=torch.int64)
+    positions = torch.tensor([2, -1, 0, 8, -4], dtype=torch.int32)
+    token_in = torch.full((B,), -7, dtype=torch.int32)
+    hist = torch.randint(100, 1000, (B, MAXLEN), generator=gen(142), dtype=torch.int32)
+    hist0 = hist.clone()
+    ref.sample(logits, temperature, top_k, top_p, seed, positions, token_in, hist)
+    assert positions.tolist() == [3, -1, 1, 9, -4]
+    assert int(token_in[1]) == -7 and int(token_in[4]) == -7
+    assert torch.equal(hist[1], hist0[1]) and torch.equal(hist[4], hist0[4])
+    assert int(token_in[2]) == int(torch.argmax(logits[2]))
+    assert int(token_in[3]) == int(torch.argmax(logits[3]))       # 1e-30: greedy
+    assert int(token_in[0]) == ref.sample_row(logits[0], 0.9, 0, 1.0, 11, 2) == int(hist[0, 3])
+
+
+def _linear_fp64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.double()[:, None, :] * w.double()[None, :, :]).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 17, 64])
+def test_linear_invariant_rows_equal_rows_alone(dtype, T):
+    K, N = 77, 29
+    x = randn(T, K, dtype=dtype, seed=150 + T)
+    w = randn(N, K, dtype=dtype, seed=151, scale=1.0 / math.sqrt(K))
+    out = poison_like(torch.empty(T, N, dtype=dtype))
+    ref.linear_invariant(x, w, out)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2e-2)
+    torch.testing.assert_close(out.double(), _linear_fp64(x, w), **tol)
+    for t in range(T):
+        alone = poison_like(torch.empty(1, N, dtype=dtype), seed=t)
+        ref.linear_invariant(x[t:t + 1].clone(), w, alone)
+        assert torch.equal(alone[0], out[t]), t
+
+
+@pytest.mark.parametrize("T", [1, 5, 33])
+def test_swiglu_linear_invariant_rows_equal_rows_alone(T):
+    from custom_kernels import ops
+    dtype, I, N = torch.bfloat16, 40, 19
+    gate_up = randn(T, 2 * I, dtype=dtype, seed=160 + T, scale=3.0)
+    w = randn(N, I, dtype=dtype, seed=161, scale=1.0 / math.sqrt(I))
+    out = poison_like(torch.empty(T, N, dtype=dtype))
+    act = poison_like(torch.empty(T, I, dtype=dtype))
+    ops.swiglu_linear_invariant(gate_up, w, out, act)
+    expected_act = F.silu(gate_up[:, :I].float()).to(dtype) * gate_up[:, I:]
+    assert torch.equal(act, expected_act)
+    torch.testing.assert_close(out.double(), _linear_fp64(expected_act, w), rtol=2 ** -7, atol=2e-2)
+    ref_out = poison_like(torch.empty(T, N, dtype=dtype), seed=3)
+    ref.swiglu_linear_invariant(gate_up, w, ref_out)
+    assert torch.equal(ref_out, out)
+    for t in (0, T // 2, T - 1):
+        alone = poison_like(torch.empty(1, N, dtype=dtype), seed=t)
+        ref.swiglu_linear_invariant(gate_up[t:t + 1].clone(), w, alone)
+        assert torch.equal(alone[0], out[t]), t

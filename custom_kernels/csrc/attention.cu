@@ -1,11 +1,19 @@
 // Attention over the paged KV cache.
 //
-// decode_attention: flash-decoding. The keys of row b are cut into `splits` chunks; one block per
-// (split, kv head, row) runs an online softmax over its chunk for ALL query heads of the kv head's
-// group, so each K/V load is shared by the group (GQA is never expanded). A second kernel merges
-// the per-split partials with a log-sum-exp combine. The split count depends on the host int
-// max_len only, so a CUDA graph captured for max_len = L is valid for every actual length 1..L read
-// from `positions` (splits past the actual length write an empty partial: m = -inf, l = 0).
+// decode_attention: flash-decoding. The keys of row b are cut into splits(len_b) chunks; one block
+// per (split, kv head, row) runs an online softmax over its chunk for ALL query heads of the kv
+// head's group, so each K/V load is shared by the group (GQA is never expanded). A second kernel
+// merges the per-split partials of the rows with more than one split (log-sum-exp combine).
+//
+// Batch invariance: a row's split count is decode_row_splits(len_b, nkv), a function of that row's
+// own length (positions[b] + 1, read on the device) and of the model's nkv, never of B, of max_len
+// or of the other rows; its chunk boundaries, the per-block reduction order and the combine's order
+// (over the row's own splits, blockDim = D) follow from it. So a row's output is bitwise the same
+// alone or in any batch. The host int max_len only sizes the grid: gridDim.x =
+// decode_row_splits(max_len, nkv) >= every row's count (the function is monotone in len), and the
+// blocks past a row's count exit at once. A CUDA graph captured for max_len = L is therefore valid
+// for every actual length 1..L. A row with position < 0 (padding) has length 0 and one split,
+// whose block writes zeros.
 //
 // prefill_attention: causal, tiled: one block per (64-query tile, q head); K/V tiles of 64 keys go
 // through shared memory (fp32), online softmax in fp32, CUDA cores only.
@@ -35,6 +43,19 @@ constexpr int kMaxSplits = 256;  // also the combine kernel's shared array size
 
 int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Split count of one row of length len (<= 0: padding, or empty): ceil(len / kMinChunk) splits,
+// capped at kTargetBlocks / nkv (rounded up: ~2 blocks per SM for ONE row, which is where splitting
+// pays) and at kMaxSplits. The same function on the host (grid size, workspace) and on the device
+// (each row's own count), so the two can never disagree. Monotone non-decreasing in len.
+__host__ __device__ __forceinline__ int decode_row_splits(int len, int nkv) {
+  if (len <= kMinChunk || nkv <= 0) return 1;
+  int s = (len + kMinChunk - 1) / kMinChunk;
+  const int by_occupancy = (kTargetBlocks + nkv - 1) / nkv;
+  if (s > by_occupancy) s = by_occupancy;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return s < 1 ? 1 : s;
+}
+
 int log2_exact(int v) {  // log2 of a power of two, -1 otherwise
   if (v <= 0 || (v & (v - 1)) != 0) return -1;
   int s = 0;
@@ -44,7 +65,8 @@ int log2_exact(int v) {  // log2 of a power of two, -1 otherwise
 
 // ----------------------------------------------------------------------------- decode: kernels
 
-// grid (splits, nkv, B), block kDecodeThreads. Lane layout: a token's D elements are spread over
+// grid (grid_splits, nkv, B), block kDecodeThreads. Row b uses the first decode_row_splits(len_b)
+// blocks along x; the others exit. Lane layout: a token's D elements are spread over
 // TG = D / 8 lanes (16 bytes each, coalesced), so a warp covers TPS = 32 / TG tokens per step; U
 // steps are issued together to keep 2U 16-byte loads in flight per lane. Each warp keeps its own
 // online-softmax state over the tokens it visits; the warps are merged at the end of the block.
@@ -56,11 +78,11 @@ decode_split_kernel(const T* q,                 // [B, nq, D]
                     const int32_t* block_tables,  // [B, MB]
                     const int32_t* positions,     // [B]
                     float qscale,  // scale * log2(e)
-                    int nq, int nkv, int MB, int bs_shift, int chunk, int splits,
-                    T* out,         // [B, nq, D]            (splits == 1)
-                    float* ws_acc,  // [B, nq, splits, D]    (splits > 1)
-                    float* ws_m,    // [B, nq, splits]
-                    float* ws_l) {  // [B, nq, splits]
+                    int nq, int nkv, int MB, int bs_shift, int grid_splits,
+                    T* out,         // [B, nq, D]                 (rows of one split)
+                    float* ws_acc,  // [B, nq, grid_splits, D]    (rows of several splits)
+                    float* ws_m,    // [B, nq, grid_splits]
+                    float* ws_l) {  // [B, nq, grid_splits]
   constexpr int TG = D / 8;
   constexpr int TPS = 32 / TG;
   constexpr int U = G <= 4 ? 4 : 2;  // fewer steps in flight for big groups: register budget
@@ -78,22 +100,29 @@ decode_split_kernel(const T* q,                 // [B, nq, D]
   const int part = lane % TG;  // which 8 elements of that token
   const int bs_mask = (1 << bs_shift) - 1;
 
+  // q is loaded before the position-dependent exit below, so that its loads and the position's
+  // are in flight together (one memory round trip, not two).
+  const int pos = positions[b];
+  float qf[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    load8c<T>(q + (static_cast<int64_t>(b) * nq + kvh * G + g) * D + part * 8, qf[g]);
+  }
+
   // Clamped to what the block table can address: a bad position must not read out of bounds.
-  const int len = min(positions[b] + 1, MB << bs_shift);
-  // The chunk comes from the actual length on the device, not from the host: the launch then
-  // depends on `splits` alone, so graphs of consecutive lengths with the same split count are
-  // identical and can share one executable (graphserver/graphs.py). The host `chunk` argument is
-  // unused.
-  (void)chunk;
+  // Padding rows (position < 0) get length 0: no key is read and the output is zeros.
+  const int len = max(0, min(pos + 1, MB << bs_shift));
+  // The row's own split count (see the file comment), clamped to the grid: a length past max_len
+  // is a caller bug, which must still not index past the workspace.
+  const int splits = min(decode_row_splits(len, nkv), grid_splits);
+  if (split >= splits) return;  // block-uniform: before any barrier
   const int dchunk = (len + splits - 1) / splits;
   const int start = split * dchunk;
   const int end = (split == splits - 1) ? len : min(len, start + dchunk);
   const int32_t* bt = block_tables + static_cast<int64_t>(b) * MB;
 
-  float qf[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    load8c<T>(q + (static_cast<int64_t>(b) * nq + kvh * G + g) * D + part * 8, qf[g]);
 #pragma unroll
     for (int j = 0; j < 8; ++j) qf[g][j] *= qscale;
   }
@@ -224,7 +253,7 @@ decode_split_kernel(const T* q,                 // [B, nq, D]
     if (splits == 1) {
       out[head * D + d] = Elem<T>::from_float(L > 0.f ? O / L : 0.f);
     } else {
-      const int64_t r = head * splits + split;
+      const int64_t r = head * grid_splits + split;
       ws_acc[r * D + d] = O;  // unnormalized, relative to M
       if (d == 0) {
         ws_m[r] = M;
@@ -234,29 +263,55 @@ decode_split_kernel(const T* q,                 // [B, nq, D]
   }
 }
 
-// grid (nq, B), block D threads: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m).
+// grid (nq, B), block D threads: out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m),
+// over row b's own splits (recomputed from positions exactly as the split kernel did). Rows of one
+// split were written by the split kernel itself and are skipped here.
 template <typename T>
-__global__ void decode_combine_kernel(const float* ws_acc,  // [B, nq, splits, D]
-                                      const float* ws_m,    // [B, nq, splits]
-                                      const float* ws_l,    // [B, nq, splits]
-                                      int splits, int nq, int D,
+__global__ void decode_combine_kernel(const float* ws_acc,  // [B, nq, grid_splits, D]
+                                      const float* ws_m,    // [B, nq, grid_splits]
+                                      const float* ws_l,    // [B, nq, grid_splits]
+                                      const int32_t* positions,  // [B]
+                                      int grid_splits, int nq, int nkv, int D, int MB,
+                                      int bs_shift,
                                       T* out) {  // [B, nq, D]
+  // Split partials per thread: blockDim = D >= 64, so kMaxSplits / 64 slots cover every split.
+  constexpr int kPer = kMaxSplits / 64;
   __shared__ float s_w[kMaxSplits];
   __shared__ float red[32];
   pdl_begin();
-  const int64_t r0 = (static_cast<int64_t>(blockIdx.y) * nq + blockIdx.x) * splits;
+  const int b = blockIdx.y;
+  const int64_t r0 = (static_cast<int64_t>(b) * nq + blockIdx.x) * grid_splits;
+  // The partials of every grid split are loaded together with the position (one memory round
+  // trip, not two); those past the row's own count are stale and never used.
+  const int pos = positions[b];
+  float ms_r[kPer], ls_r[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int s = threadIdx.x + i * blockDim.x;
+    ms_r[i] = s < grid_splits ? ws_m[r0 + s] : -INFINITY;
+    ls_r[i] = s < grid_splits ? ws_l[r0 + s] : 0.f;
+  }
+  const int len = max(0, min(pos + 1, MB << bs_shift));
+  const int splits = min(decode_row_splits(len, nkv), grid_splits);
+  if (splits <= 1) return;  // block-uniform: before any barrier
 
   float M = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) M = fmaxf(M, ws_m[r0 + s]);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    if (threadIdx.x + i * blockDim.x < splits) M = fmaxf(M, ms_r[i]);
+  }
   M = block_max(M, red);
 
   float L = 0.f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    const float ms = ws_m[r0 + s];
-    // Empty splits (m = -inf) weigh 0 and their acc is never read.
-    const float w = (ms == -INFINITY) ? 0.f : exp2f(ms - M);
-    s_w[s] = w;
-    L += w * ws_l[r0 + s];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int s = threadIdx.x + i * blockDim.x;
+    if (s < splits) {
+      // Empty splits (m = -inf) weigh 0 and their acc is never read.
+      const float w = (ms_r[i] == -INFINITY) ? 0.f : exp2f(ms_r[i] - M);
+      s_w[s] = w;
+      L += w * ls_r[i];
+    }
   }
   L = block_sum(L, red);  // its barriers also publish s_w
   const float inv = L > 0.f ? 1.f / L : 0.f;
@@ -274,11 +329,11 @@ __global__ void decode_combine_kernel(const float* ws_acc,  // [B, nq, splits, D
 template <typename T, int D>
 cudaError_t launch_decode_d(const void* q, const void* kc, const void* vc, const int32_t* bt,
                             const int32_t* positions, float qscale, void* out, float* ws, int B,
-                            int nq, int nkv, int MB, int bs_shift, int chunk, int splits,
+                            int nq, int nkv, int MB, int bs_shift, int grid_splits,
                             cudaStream_t stream) {
   const int G = nq / nkv;
-  const dim3 grid(splits, nkv, B);
-  const int64_t rows = static_cast<int64_t>(B) * nq * splits;
+  const dim3 grid(grid_splits, nkv, B);
+  const int64_t rows = static_cast<int64_t>(B) * nq * grid_splits;
   float* ws_acc = ws;
   float* ws_m = ws ? ws + rows * D : nullptr;
   float* ws_l = ws ? ws_m + rows : nullptr;
@@ -286,7 +341,7 @@ cudaError_t launch_decode_d(const void* q, const void* kc, const void* vc, const
   case GG:                                                                                       \
     CK_LAUNCH(decode_split_kernel<T, D, GG>, grid, dim3(kDecodeThreads), 0, stream,             \
               static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc), bt, \
-              positions, qscale, nq, nkv, MB, bs_shift, chunk, splits, static_cast<T*>(out),     \
+              positions, qscale, nq, nkv, MB, bs_shift, grid_splits, static_cast<T*>(out),      \
               ws_acc, ws_m, ws_l);                                                               \
     break;
   switch (G) {
@@ -302,10 +357,12 @@ cudaError_t launch_decode_d(const void* q, const void* kc, const void* vc, const
       return cudaErrorInvalidValue;
   }
 #undef CK_DECODE_CASE
-  if (splits > 1) {
+  if (grid_splits > 1) {
+    // Needed whenever some row may have several splits; rows of one split skip it on the device.
     CK_LAUNCH(decode_combine_kernel<T>, dim3(nq, B), dim3(D), 0, stream,
               static_cast<const float*>(ws_acc), static_cast<const float*>(ws_m),
-              static_cast<const float*>(ws_l), splits, nq, D, static_cast<T*>(out));
+              static_cast<const float*>(ws_l), positions, grid_splits, nq, nkv, D, MB, bs_shift,
+              static_cast<T*>(out));
   }
   CK_RETURN_LAUNCH_STATUS();
 }
@@ -528,15 +585,10 @@ cudaError_t launch_prefill_d(const void* q, const void* kc, const void* vc, cons
 // ----------------------------------------------------------------------------- public
 
 int decode_attention_num_splits(int B, int nkv, int max_len) {
-  if (B <= 0 || nkv <= 0 || max_len <= 0) return 1;
-  const int64_t by_len = ceil_div64(max_len, kMinChunk);
-  const int64_t by_occupancy = ceil_div64(kTargetBlocks, static_cast<int64_t>(B) * nkv);
-  int64_t s = by_len < by_occupancy ? by_len : by_occupancy;
-  if (s > kMaxSplits) s = kMaxSplits;
-  if (s < 1) s = 1;
-  // A function of max_len that changes only every kMinChunk tokens (and not at all past the
-  // occupancy cap): the kernel sizes its chunks from the device length.
-  return static_cast<int>(s);
+  // B is deliberately unused (batch invariance: see the file comment); kept for API stability.
+  (void)B;
+  if (nkv <= 0 || max_len <= 0) return 1;
+  return decode_row_splits(max_len, nkv);
 }
 
 int64_t decode_attention_workspace_needed(int B, int nq, int nkv, int D, int max_len) {
@@ -546,15 +598,17 @@ int64_t decode_attention_workspace_needed(int B, int nq, int nkv, int D, int max
 
 int64_t decode_attention_workspace_numel(int B, int nq, int D, int max_len) {
   if (B <= 0 || nq <= 0 || D <= 0 || max_len <= 0) return 0;
-  // splits <= min(ceil(L / kMinChunk), ceil(kTargetBlocks / B), kMaxSplits) for every nkv >= 1,
-  // and B * ceil(kTargetBlocks / B) <= kTargetBlocks + B - 1. Both bounds grow with B and L, so
-  // the result is monotone: the size for the largest (B, max_len) serves all smaller launches.
+  // The kernel serves group sizes nq / nkv <= 8, so nkv >= ceil(nq / 8), and
+  // decode_row_splits(L, nkv) <= min(ceil(L / kMinChunk), ceil(kTargetBlocks / nkv), kMaxSplits).
+  // The bound grows with B and L: the size for the largest (B, max_len) serves all smaller
+  // launches.
+  const int64_t nkv_min = ceil_div64(nq, 8);
   int64_t per_row = ceil_div64(max_len, kMinChunk);
   if (per_row > kMaxSplits) per_row = kMaxSplits;
-  int64_t rows_splits = static_cast<int64_t>(B) * per_row;
-  const int64_t occ = kTargetBlocks + static_cast<int64_t>(B) - 1;
-  if (rows_splits > occ) rows_splits = occ;
-  return rows_splits * nq * (D + 2);
+  const int64_t occ = ceil_div64(kTargetBlocks, nkv_min);
+  if (per_row > occ) per_row = occ;
+  if (per_row <= 1) return 0;
+  return static_cast<int64_t>(B) * nq * per_row * (D + 2);
 }
 
 cudaError_t launch_decode_attention(const void* q, const void* k_cache, const void* v_cache,
@@ -569,7 +623,6 @@ cudaError_t launch_decode_attention(const void* q, const void* k_cache, const vo
     return cudaErrorInvalidValue;
   }
   const int splits = decode_attention_num_splits(B, nkv, max_len);
-  const int chunk = static_cast<int>(ceil_div64(max_len, splits));
   if (splits > 1 &&
       (workspace == nullptr ||
        workspace_numel < decode_attention_workspace_needed(B, nq, nkv, D, max_len))) {
@@ -580,13 +633,13 @@ cudaError_t launch_decode_attention(const void* q, const void* k_cache, const vo
     switch (D) {
       case 64:
         return launch_decode_d<E, 64>(q, k_cache, v_cache, block_tables, positions, qscale, out,
-                                      workspace, B, nq, nkv, MB, bs_shift, chunk, splits, stream);
+                                      workspace, B, nq, nkv, MB, bs_shift, splits, stream);
       case 128:
         return launch_decode_d<E, 128>(q, k_cache, v_cache, block_tables, positions, qscale, out,
-                                       workspace, B, nq, nkv, MB, bs_shift, chunk, splits, stream);
+                                       workspace, B, nq, nkv, MB, bs_shift, splits, stream);
       case 256:
         return launch_decode_d<E, 256>(q, k_cache, v_cache, block_tables, positions, qscale, out,
-                                       workspace, B, nq, nkv, MB, bs_shift, chunk, splits, stream);
+                                       workspace, B, nq, nkv, MB, bs_shift, splits, stream);
       default:
         return cudaErrorInvalidValue;
     }

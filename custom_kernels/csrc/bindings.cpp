@@ -356,6 +356,50 @@ void swiglu_linear(const Tensor& gate_up, const Tensor& weight, Tensor& out) {
                op);
 }
 
+// Batch-invariant linear (the batched decode engine): one GEMV launch for any T, token t's result
+// bitwise independent of T. No cuBLAS fallback (its kernel choice depends on T), so it refuses
+// what the GEMV cannot serve.
+void linear_invariant(const Tensor& x, const Tensor& weight, Tensor& out) {
+  const char* op = "linear_invariant";
+  const auto [dt, T, Ni, Ki] = check_rows_times_weight(x, weight, out, op, "x", "[T, K]", 1);
+  if (T == 0 || Ni == 0) return;
+  TORCH_CHECK(ck::gemv_invariant_supported(x.data_ptr(), weight.data_ptr(), T, Ki), op,
+              ": needs K % 8 == 0 and 16-byte aligned x and weight; got K = ", Ki,
+              (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 ? ", x misaligned" : ""),
+              (reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 ? ", weight misaligned" : ""));
+  const c10::Device device = out.device();
+  c10::cuda::CUDAGuard guard(device);
+  check_launch(ck::launch_gemv_invariant(x.data_ptr(), weight.data_ptr(), out.data_ptr(), T, Ni,
+                                         Ki, dt, current_stream(device)),
+               op);
+}
+
+// Batch-invariant fused SwiGLU + down projection for any T (bitwise swiglu + linear_invariant).
+void swiglu_linear_invariant(const Tensor& gate_up, const Tensor& weight, Tensor& out) {
+  const char* op = "swiglu_linear_invariant";
+  const auto [dt, T, Ni, Ii] =
+      check_rows_times_weight(gate_up, weight, out, op, "gate_up", "[T, 2I]", 2);
+  if (T == 0 || Ni == 0) return;
+  {
+    const auto* g0 = static_cast<const char*>(gate_up.data_ptr());
+    const auto* g1 = g0 + gate_up.numel() * gate_up.element_size();
+    const auto* o0 = static_cast<const char*>(out.data_ptr());
+    const auto* o1 = o0 + out.numel() * out.element_size();
+    TORCH_CHECK(o1 <= g0 || g1 <= o0, op, ": out must not overlap gate_up");
+  }
+  TORCH_CHECK(ck::swiglu_linear_invariant_supported(gate_up.data_ptr(), weight.data_ptr(), T, Ii),
+              op, ": the fused kernel serves I % 8 == 0 and 16-byte aligned gate_up and weight; "
+              "got I = ", Ii,
+              ". Use custom_kernels.ops.swiglu_linear_invariant, which falls back to swiglu + "
+              "linear_invariant.");
+  const c10::Device device = out.device();
+  c10::cuda::CUDAGuard guard(device);
+  check_launch(ck::launch_swiglu_linear_invariant(gate_up.data_ptr(), weight.data_ptr(),
+                                                  out.data_ptr(), T, Ni, Ii, dt,
+                                                  current_stream(device)),
+               op);
+}
+
 // Whether the kernels launch with programmatic dependent launch (CUSTOM_KERNELS_PDL, read once
 // when the library loaded).
 bool pdl_enabled() { return ck::pdl_enabled(); }
@@ -433,15 +477,21 @@ void rope_kv_write(const Tensor& qkv, const Tensor& positions, const Tensor& cos
               ": cos and sin must both be [P, D/2] with D/2 = ", D / 2, "; got cos ", cos.sizes(),
               ", sin ", sin.sizes());
   check_dtype(block_table, op, "block_table", at::kInt);
-  check_dim(block_table, op, "block_table", 1, "[MB]");
+  // [MB]: one sequence's table for every token; [T, MB]: token t's table in row t.
+  TORCH_CHECK(block_table.dim() == 1 || (block_table.dim() == 2 && block_table.size(0) == T), op,
+              ": block_table must be [MB] (one sequence) or [T, MB] with T = ", T,
+              " (one table row per token), got sizes ", block_table.sizes());
+  const int64_t MB = block_table.size(-1);
+  TORCH_CHECK(MB > 0, op, ": block_table must have MB > 0 entries per row, got sizes ",
+              block_table.sizes());
   if (T == 0) return;
   c10::cuda::CUDAGuard guard(device);
   check_launch(ck::launch_rope_kv_write(
                    qkv.data_ptr(), positions.data_ptr<int32_t>(), cos.data_ptr<float>(),
                    sin.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(),
-                   block_table.data_ptr<int32_t>(), q_out.data_ptr(), to_int(T, op, "T"),
-                   to_int(nq, op, "nq"), to_int(nkv, op, "nkv"), to_int(D, op, "D"), NB,
-                   to_int(BS, op, "BS"), to_int(block_table.size(0), op, "MB"),
+                   block_table.data_ptr<int32_t>(), block_table.dim() == 2, q_out.data_ptr(),
+                   to_int(T, op, "T"), to_int(nq, op, "nq"), to_int(nkv, op, "nkv"),
+                   to_int(D, op, "D"), NB, to_int(BS, op, "BS"), to_int(MB, op, "MB"),
                    to_int(cos.size(0), op, "P"), dt, current_stream(device)),
                op);
 }
@@ -497,18 +547,28 @@ void decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
                op);
 }
 
+// num_kv_heads = 0: a bound over every kv head count the kernel serves (nq / nkv <= 8); > 0: the
+// exact need of that head count (smaller for models with many kv heads).
 int64_t attention_workspace_numel(int64_t batch, int64_t num_q_heads, int64_t head_dim,
-                                  int64_t max_len) {
+                                  int64_t max_len, int64_t num_kv_heads) {
   const char* op = "attention_workspace_numel";
   TORCH_CHECK(batch > 0 && num_q_heads > 0 && head_dim > 0 && max_len > 0, op,
               ": every argument must be > 0; got batch = ", batch, ", num_q_heads = ", num_q_heads,
               ", head_dim = ", head_dim, ", max_len = ", max_len);
-  return ck::decode_attention_workspace_numel(to_int(batch, op, "batch"),
-                                              to_int(num_q_heads, op, "num_q_heads"),
-                                              to_int(head_dim, op, "head_dim"),
-                                              to_int(max_len, op, "max_len"));
+  TORCH_CHECK(num_kv_heads >= 0 && (num_kv_heads == 0 || num_q_heads % num_kv_heads == 0), op,
+              ": num_kv_heads must be 0 (any) or divide num_q_heads = ", num_q_heads, ", got ",
+              num_kv_heads);
+  const int Bi = to_int(batch, op, "batch"), nqi = to_int(num_q_heads, op, "num_q_heads");
+  const int Di = to_int(head_dim, op, "head_dim"), Li = to_int(max_len, op, "max_len");
+  if (num_kv_heads > 0) {
+    return ck::decode_attention_workspace_needed(Bi, nqi, to_int(num_kv_heads, op, "num_kv_heads"),
+                                                 Di, Li);
+  }
+  return ck::decode_attention_workspace_numel(Bi, nqi, Di, Li);
 }
 
+// The grid's split count. `batch` is unused by the kernels' sizing (a row's split count depends
+// on its own length only: batch invariance); it stays in the signature for API stability.
 int64_t decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t max_len) {
   const char* op = "decode_attention_splits";
   TORCH_CHECK(batch > 0 && num_kv_heads > 0 && max_len > 0, op,
@@ -604,6 +664,8 @@ TORCH_LIBRARY(custom_kernels, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor(a!) out) -> ()");
   m.def("swiglu(Tensor gate_up, Tensor(a!) out) -> ()");
   m.def("swiglu_linear(Tensor gate_up, Tensor weight, Tensor(a!) out) -> ()");
+  m.def("linear_invariant(Tensor x, Tensor weight, Tensor(a!) out) -> ()");
+  m.def("swiglu_linear_invariant(Tensor gate_up, Tensor weight, Tensor(a!) out) -> ()");
   m.def("rope_kv_write(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor block_table, Tensor(c!) q_out) -> ()");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -614,7 +676,8 @@ TORCH_LIBRARY(custom_kernels, m) {
         "Tensor(a!) positions, Tensor(b!) token_in, Tensor(c!) token_hist) -> ()");
   m.def("bind_gemm_stream(Tensor workspace) -> ()");
   // No tensor argument to dispatch on: registered once, for every backend.
-  m.def("attention_workspace_numel(int batch, int num_q_heads, int head_dim, int max_len) -> int",
+  m.def("attention_workspace_numel(int batch, int num_q_heads, int head_dim, int max_len, "
+        "int num_kv_heads=0) -> int",
         &attention_workspace_numel);
   m.def("decode_attention_splits(int batch, int num_kv_heads, int max_len) -> int",
         &decode_attention_splits);
@@ -628,6 +691,8 @@ TORCH_LIBRARY_IMPL(custom_kernels, CUDA, m) {
   m.impl("linear", &linear);
   m.impl("swiglu", &swiglu);
   m.impl("swiglu_linear", &swiglu_linear);
+  m.impl("linear_invariant", &linear_invariant);
+  m.impl("swiglu_linear_invariant", &swiglu_linear_invariant);
   m.impl("rope_kv_write", &rope_kv_write);
   m.impl("decode_attention", &decode_attention);
   m.impl("prefill_attention", &prefill_attention);

@@ -42,6 +42,16 @@
 //     at ~1/8 of a SwiGLU per weight row.
 //
 // x (or gate_up) is re-read from L1/L2 per row group; it is a few KB, so that costs no HBM bytes.
+//
+// Batch invariance (linear_invariant / swiglu_linear_invariant): the summation order of an output
+// element is fixed by K alone: each thread sums its vectors gl, gl + GS, ... in increasing k with
+// one fmaf chain per (row, token), then the fixed butterfly and the fixed-order sum of the warp
+// partials, where GS = gemv_group_threads(K / 8). Neither the token count TB, nor RB, nor U (which
+// only batches the loads), nor N changes it, so token t's result is bitwise the same in a launch of
+// any number of tokens. More than kGemvMaxRows tokens are served by ONE launch over token groups of
+// TB = 8 (the last one partial: its missing tokens are neither loaded nor stored): the 1-D grid is
+// (weight tile, token group) with the token group fastest, so the blocks that share a weight tile
+// are scheduled together and all but the first read it from L2.
 #include "common.cuh"
 
 namespace ck {
@@ -83,15 +93,15 @@ __device__ __forceinline__ void load_x8(const T* x, int K, int t, int kv, float 
   }
 }
 
-// grid: ceil(N / (RB * groups per block)); block: groups of (32 << group_shift) threads.
-// See the file comment. x is not __restrict__: it is written by the previous kernel (coherent
-// loads only, after pdl_wait).
+// grid: ceil(N / (RB * groups per block)) * token_groups, 1-D, the token group fastest;
+// block: groups of (32 << group_shift) threads. See the file comment. x is not __restrict__: it
+// is written by the previous kernel (coherent loads only, after pdl_wait).
 template <typename T, int TB, int RB, int U, bool kSwiGLU>
 __global__ void __launch_bounds__(kGemvMaxThreads)
-gemv_kernel(const T* x,                 // [TB, K] (kSwiGLU: gate_up [TB, 2K])
+gemv_kernel(const T* x,                 // [T, K] (kSwiGLU: gate_up [T, 2K])
             const T* __restrict__ w,    // [N, K]   launch constant: read before pdl_wait
-            T* out,                     // [TB, N]
-            int N, int K, int group_shift) {
+            T* out,                     // [T, N]
+            int N, int K, int group_shift, int tokens, int token_groups) {
   static_assert(RB * TB <= 64, "the reduction below stores at most 64 sums per group");
   __shared__ float red[kGemvMaxWarps][RB * TB];
 
@@ -101,7 +111,13 @@ gemv_kernel(const T* x,                 // [TB, K] (kSwiGLU: gate_up [TB, 2K])
   const int gl = tid & (gs - 1);                   // index within the group
   const int g = tid >> (5 + group_shift);          // group within the block
   const int groups = blockDim.x >> (5 + group_shift);
-  const int n0 = (blockIdx.x * groups + g) * RB;   // first row of the group
+  const int tile = blockIdx.x / token_groups;      // weight tile
+  const int tg = blockIdx.x - tile * token_groups; // token group
+  const int t0 = tg * TB;                          // first token of the group
+  const int nt = min(TB, tokens - t0);             // tokens of this group (the last may be partial)
+  x += static_cast<int64_t>(t0) * (kSwiGLU ? 2 : 1) * K;
+  out += static_cast<int64_t>(t0) * N;
+  const int n0 = (tile * groups + g) * RB;         // first row of the group
   const int KV = K >> 3;                           // 16-byte vectors per row
   const int kv_end = n0 < N ? KV : 0;              // a group past N loads nothing
 
@@ -139,7 +155,14 @@ gemv_kernel(const T* x,                 // [TB, K] (kSwiGLU: gate_up [TB, 2K])
         // x first (for the fused kernel the SwiGLU math overlaps the weight loads in flight).
         float xf[TB][8];
 #pragma unroll
-        for (int t = 0; t < TB; ++t) load_x8<T, kSwiGLU>(x, K, t, kv, xf[t]);
+        for (int t = 0; t < TB; ++t) {
+          if (t < nt) {
+            load_x8<T, kSwiGLU>(x, K, t, kv, xf[t]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) xf[t][j] = 0.f;  // a missing token: computed, never stored
+          }
+        }
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
           float wf[8];
@@ -166,7 +189,7 @@ gemv_kernel(const T* x,                 // [TB, K] (kSwiGLU: gate_up [TB, 2K])
     for (int r = 0; r < RB; ++r)
 #pragma unroll
       for (int t = 0; t < TB; ++t)
-        if (lane == ((r * TB + t) & 31) && n0 + r < N)
+        if (lane == ((r * TB + t) & 31) && n0 + r < N && t < nt)
           out[static_cast<int64_t>(t) * N + n0 + r] = Elem<T>::from_float(acc[r][t]);
   } else {
     // Several warps per group (uniform over the block, so every thread reaches the barrier).
@@ -183,48 +206,54 @@ gemv_kernel(const T* x,                 // [TB, K] (kSwiGLU: gate_up [TB, 2K])
       float s = red[w0][i];
       for (int k = 1; k < kw; ++k) s += red[w0 + k][i];  // fixed order: deterministic
       const int r = i / TB, t = i - (i / TB) * TB;
-      if (n0 + r < N) out[static_cast<int64_t>(t) * N + n0 + r] = Elem<T>::from_float(s);
+      if (n0 + r < N && t < nt) out[static_cast<int64_t>(t) * N + n0 + r] = Elem<T>::from_float(s);
     }
   }
 }
 
+// `tokens` rows of x in ceil(tokens / TB) token groups (tokens == TB: the plain decode launch).
 template <typename T, int TB, int RB, int U, bool kSwiGLU>
-cudaError_t launch_cfg(const T* x, const T* w, T* out, int N, int K, int gs, cudaStream_t stream) {
+cudaError_t launch_cfg(const T* x, const T* w, T* out, int N, int K, int gs, int tokens,
+                       cudaStream_t stream) {
   const int threads = gs > 128 ? gs : 128;
   const int rows_per_block = (threads / gs) * RB;
-  const int blocks = ceil_div(N, rows_per_block);
+  const int tiles = ceil_div(N, rows_per_block);
+  const int token_groups = ceil_div(tokens, TB);
+  const int64_t blocks = static_cast<int64_t>(tiles) * token_groups;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   const int group_shift = log2_pow2(gs / 32);  // gs = 32 << group_shift
-  CK_LAUNCH(gemv_kernel<T, TB, RB, U, kSwiGLU>, dim3(blocks), dim3(threads), 0, stream, x, w, out,
-            N, K, group_shift);
+  CK_LAUNCH(gemv_kernel<T, TB, RB, U, kSwiGLU>, dim3(static_cast<unsigned>(blocks)), dim3(threads),
+            0, stream, x, w, out, N, K, group_shift, tokens, token_groups);
   return cudaSuccess;
 }
 
 // Plain linear: RB in {1, 2}; U = 4, or 8 when a row needs 5..8 vectors per thread (T <= 2 only,
 // registers); rows longer than that loop over batches.
 template <typename T, int TB>
-cudaError_t launch_linear_tb(const T* x, const T* w, T* out, int N, int K, cudaStream_t stream) {
+cudaError_t launch_linear_tb(const T* x, const T* w, T* out, int N, int K, int tokens,
+                             cudaStream_t stream) {
   const int KV = K / 8;
   const int gs = gemv_group_threads(KV);
   const bool two_rows = static_cast<int64_t>(N / 2) * (gs / 32) >= kGemvFillWarps;
   const bool deep = TB <= 2 && KV > 4 * gs;
   if (two_rows) {
-    return deep ? launch_cfg<T, TB, 2, (TB <= 2 ? 8 : 4), false>(x, w, out, N, K, gs, stream)
-                : launch_cfg<T, TB, 2, 4, false>(x, w, out, N, K, gs, stream);
+    return deep ? launch_cfg<T, TB, 2, (TB <= 2 ? 8 : 4), false>(x, w, out, N, K, gs, tokens, stream)
+                : launch_cfg<T, TB, 2, 4, false>(x, w, out, N, K, gs, tokens, stream);
   }
-  return deep ? launch_cfg<T, TB, 1, (TB <= 2 ? 8 : 4), false>(x, w, out, N, K, gs, stream)
-              : launch_cfg<T, TB, 1, 4, false>(x, w, out, N, K, gs, stream);
+  return deep ? launch_cfg<T, TB, 1, (TB <= 2 ? 8 : 4), false>(x, w, out, N, K, gs, tokens, stream)
+              : launch_cfg<T, TB, 1, 4, false>(x, w, out, N, K, gs, tokens, stream);
 }
 
 // Fused SwiGLU + down: U = 2; RB = 8 (4 for T > 4) on big shapes, 2 on small ones.
 template <typename T, int TB>
-cudaError_t launch_swiglu_linear_tb(const T* gate_up, const T* w, T* out, int N, int I,
+cudaError_t launch_swiglu_linear_tb(const T* gate_up, const T* w, T* out, int N, int I, int tokens,
                                     cudaStream_t stream) {
   constexpr int kBigRB = TB <= 4 ? 8 : 4;
   const int gs = gemv_group_threads(I / 8);
   if (static_cast<int64_t>(N / kBigRB) * (gs / 32) >= kGemvFillWarps) {
-    return launch_cfg<T, TB, kBigRB, 2, true>(gate_up, w, out, N, I, gs, stream);
+    return launch_cfg<T, TB, kBigRB, 2, true>(gate_up, w, out, N, I, gs, tokens, stream);
   }
-  return launch_cfg<T, TB, 2, 2, true>(gate_up, w, out, N, I, gs, stream);
+  return launch_cfg<T, TB, 2, 2, true>(gate_up, w, out, N, I, gs, tokens, stream);
 }
 
 #define CK_GEMV_SWITCH_T(T_, FN, ...)                       \
@@ -259,7 +288,7 @@ cudaError_t launch_gemv(const void* x, const void* w, void* out, int T, int N, i
     const E* xp = static_cast<const E*>(x);
     const E* wp = static_cast<const E*>(w);
     E* op = static_cast<E*>(out);
-    CK_GEMV_SWITCH_T(T, launch_linear_tb, xp, wp, op, N, K, stream);
+    CK_GEMV_SWITCH_T(T, launch_linear_tb, xp, wp, op, N, K, T, stream);
   });
   return cudaErrorInvalidValue;
 }
@@ -272,7 +301,42 @@ cudaError_t launch_swiglu_linear(const void* gate_up, const void* w, void* out, 
     const E* gp = static_cast<const E*>(gate_up);
     const E* wp = static_cast<const E*>(w);
     E* op = static_cast<E*>(out);
-    CK_GEMV_SWITCH_T(T, launch_swiglu_linear_tb, gp, wp, op, N, I, stream);
+    CK_GEMV_SWITCH_T(T, launch_swiglu_linear_tb, gp, wp, op, N, I, T, stream);
+  });
+  return cudaErrorInvalidValue;
+}
+
+bool gemv_invariant_supported(const void* x, const void* w, int T, int K) {
+  return T >= 1 && K > 0 && K % 8 == 0 && aligned16(x) && aligned16(w);
+}
+
+cudaError_t launch_gemv_invariant(const void* x, const void* w, void* out, int T, int N, int K,
+                                  DType dt, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (!gemv_invariant_supported(x, w, T, K) || N < 0) return cudaErrorInvalidValue;
+  // Up to kGemvMaxRows tokens: exactly the decode GEMV. More: token groups of kGemvMaxRows, one
+  // launch (same summation order either way, see the file comment).
+  if (T <= kGemvMaxRows) return launch_gemv(x, w, out, T, N, K, dt, stream);
+  CK_DISPATCH_HALF(dt, E, {
+    return launch_linear_tb<E, kGemvMaxRows>(static_cast<const E*>(x), static_cast<const E*>(w),
+                                             static_cast<E*>(out), N, K, T, stream);
+  });
+  return cudaErrorInvalidValue;
+}
+
+bool swiglu_linear_invariant_supported(const void* gate_up, const void* w, int T, int I) {
+  return T >= 1 && I > 0 && I % 8 == 0 && aligned16(gate_up) && aligned16(w);
+}
+
+cudaError_t launch_swiglu_linear_invariant(const void* gate_up, const void* w, void* out, int T,
+                                           int N, int I, DType dt, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (!swiglu_linear_invariant_supported(gate_up, w, T, I) || N < 0) return cudaErrorInvalidValue;
+  if (T <= kGemvMaxRows) return launch_swiglu_linear(gate_up, w, out, T, N, I, dt, stream);
+  CK_DISPATCH_HALF(dt, E, {
+    return launch_swiglu_linear_tb<E, kGemvMaxRows>(static_cast<const E*>(gate_up),
+                                                    static_cast<const E*>(w), static_cast<E*>(out),
+                                                    N, I, T, stream);
   });
   return cudaErrorInvalidValue;
 }

@@ -24,6 +24,10 @@
 namespace ck {
 namespace {
 
+// Temperatures below this (and NaN) are greedy: reference.GREEDY_TEMPERATURE. Dividing by a tiny
+// temperature overflows fp32 and would make every kept weight NaN.
+constexpr float kGreedyTemperature = 1e-5f;
+
 constexpr int kSampleThreads = 1024;
 constexpr int kSampleWarps = kSampleThreads / 32;
 constexpr int kRound = 32 * 8;  // elements a warp covers per round: 8 per lane (16-byte loads)
@@ -219,10 +223,12 @@ sample_kernel(const typename L::Raw* logits,  // [B, V]
     s_seed = seed[b];
   }
   __syncthreads();
+  // Padding row: nothing to sample, nothing written, the position stays (block-uniform exit).
+  if (s_pos < 0) return;
   const float temp = s_temp;
   int tok = 0;
 
-  if (!(temp > 0.f)) {
+  if (!(temp >= kGreedyTemperature)) {
     // ---- greedy: first index of the max (NaN counts as the max, like torch.argmax).
     unsigned long long best = 0;
     visit_row<L>(row, V, S, vec, [&](int i0, int n, const uint32_t(&raw)[8]) {

@@ -215,6 +215,8 @@ class EngineCore:
         if self.is_cuda:
             self.replay_stream.synchronize()
         previous, self.model_version = self.model_version, p.version
+        for req in self.scheduler.waiting:    # queued during the reload: they run on the new weights
+            req.model_version = self.model_version
         self.reloads += 1
         self.reload_pending = None
         self.scheduler.paused = False
