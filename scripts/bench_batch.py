@@ -210,14 +210,14 @@ def bench_hf(torch, spec: str, args, log) -> list[dict]:
     return out
 
 
-def report(files: list[str]) -> None:
+def report(files: list[str], hf_min_b: int = 1) -> None:
     recs = [json.loads(open(f).read()) for f in files]
     print("| model | mode | B | step ms | floor ms | % roofline | agg tok/s | decode tok/s | "
           "HF static tok/s | x HF | ITL p50/p95 ms | record |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for f, rec in zip(files, recs):
         for m in rec["models"]:
-            hf = {r["B"]: r for r in m.get("hf", [])}
+            hf = {r["B"]: r for r in m.get("hf", []) if r["B"] >= hf_min_b}
             for run in m["engine"]:
                 mode = "invariant" if run["batch_invariant"] else "fast"
                 for r in run["rows"]:
@@ -246,8 +246,9 @@ def report(files: list[str]) -> None:
                         label=f"{m['model']} ours ({mode})")
                 a2.plot(bs, [r["pct_of_roofline"] for r in run["rows"] if r["decode_tok_s"]], "o-",
                         label=f"{m['model']} ({mode})")
-            if m.get("hf"):
-                a1.plot([r["B"] for r in m["hf"]], [r["decode_tok_s"] for r in m["hf"]], "x--",
+            hf_rows = [r for r in m.get("hf", []) if r["B"] >= hf_min_b]
+            if hf_rows:
+                a1.plot([r["B"] for r in hf_rows], [r["decode_tok_s"] for r in hf_rows], "x--",
                         label=f"{m['model']} HF static")
     for ax, title in ((a1, "decode tok/s"), (a2, "% of §9.5 roofline")):
         ax.set_xscale("log", base=2)
@@ -284,9 +285,12 @@ def main() -> int:
     p.add_argument("--tag", default="", help="suffix of the output file name")
     p.add_argument("--report", nargs="+", metavar="JSON",
                    help="print the table of these records and write output/bench/batch.png")
+    p.add_argument("--hf-min-b", type=int, default=1,
+                   help="with --report: leave out HF peer rows below this B (the 2026-12-03 "
+                   "record's HF B=1 row includes a recompile: report it with --hf-min-b 2)")
     args = p.parse_args()
     if args.report:
-        report(args.report)
+        report(args.report, args.hf_min_b)
         return 0
     import torch
     if not torch.cuda.is_available():

@@ -178,10 +178,12 @@ class Scheduler:
             if len(self.running) - 1 > index:
                 self._preempt(self.running[-1], out)
                 continue
-            if index > 0 or len(self.running) > 1:
-                self._preempt(req, out)          # it is the newest: it waits
+            if index > 0 or len(self.running) > 1 or \
+                    blocks_for(need_tokens, self.alloc.block_size) <= self.alloc.num_blocks:
+                # The newest (or alone, but sessions hold what it lacks): it waits.
+                self._preempt(req, out)
                 return False
-            # Alone and still out of room: the arena (minus what sessions hold) is too small.
+            # Alone and larger than the whole arena: it can never grow.
             self.running.remove(req)
             self._pending_finished.append(self._finish(req, "length"))
             return False
@@ -217,6 +219,11 @@ class Scheduler:
             if cost > budget:
                 return
             owner = request_owner(req.request_id)
+            if not self.running:
+                # Nothing running to free blocks later: admit only what can reach its first
+                # token, or it would be admitted, preempted and recomputed in a cycle.
+                need_tokens = max(need_tokens, min(req.num_tokens,
+                                                   self.alloc.num_blocks * self.alloc.block_size))
             while self.alloc.blocks_needed(owner, need_tokens) + self.watermark > \
                     self.alloc.num_free:
                 if not self.reclaim():
@@ -226,7 +233,7 @@ class Scheduler:
             if self.alloc.blocks_needed(owner, need_tokens) > self.alloc.num_free:
                 return
             self.waiting.popleft()
-            self.alloc.grow(owner, need_tokens)
+            self.alloc.grow(owner, self._next_work(req, budget)[1])
             req.status = RequestStatus.RUNNING
             if req.admitted_t is None:
                 req.admitted_t = self.clock()

@@ -102,6 +102,7 @@ class EngineCore:
         self.executor = Executor(self.runner, self.batch_graphs, self.tracer)
         self.reload_pending: Optional[PendingReload] = None
         self.reloads = 0
+        self.idle = False             # the last step did nothing (see step())
         if self.is_cuda:
             torch.cuda.synchronize(self.device)   # load time only: weights are resident
         self.load_s = time.perf_counter() - t0
@@ -153,6 +154,7 @@ class EngineCore:
             outputs += self.scheduler.update(sched, sampled)
         else:
             outputs += self.scheduler.take_finished()
+        self.idle = sched.empty and not outputs   # waiting for KV (or a reload): loop may sleep
         return outputs
 
     # ------------------------------------------------------------------ reload (DESIGN §9.4)

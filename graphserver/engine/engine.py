@@ -192,6 +192,12 @@ class Engine:
     def has_work(self) -> bool:
         return self.core.has_work
 
+    @property
+    def idle(self) -> bool:
+        """The last step did nothing: work is queued but cannot run yet (KV held by sessions, a
+        reload staging). The server loop then waits for a message or poll_ms before stepping."""
+        return self.core.idle
+
     def run_step(self) -> None:
         self._deliver(self.core.step())
 

@@ -20,6 +20,7 @@ import queue
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -144,7 +145,10 @@ class EngineProc:
             endpoint = check_endpoint(endpoint, allow_remote, auth_token)
             if endpoint.startswith("ipc://"):
                 path = endpoint[len("ipc://"):]
-                if os.path.exists(path):
+                if os.path.lexists(path):
+                    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                        raise EndpointError(f"{path} exists and is not a socket; refusing to "
+                                            "replace it (choose another ipc path)")
                     if _ipc_alive(path):
                         raise EndpointError(f"another server is serving on {endpoint}; stop it "
                                             "or choose another path")
@@ -288,6 +292,9 @@ class EngineProc:
         self._io.start()
         self._log.info("serving on %s", self.endpoint)
         has_work = lambda: bool(getattr(self._engine, "has_work", False))  # noqa: E731
+        # A step that did nothing (requests waiting for KV) is not retried at once: the loop
+        # waits for a message or poll_ms, instead of spinning a core.
+        busy = lambda: has_work() and not getattr(self._engine, "idle", False)  # noqa: E731
         try:
             while not self._stop.is_set():
                 if self._parent_gone():
@@ -295,7 +302,7 @@ class EngineProc:
                                       self._parent_pid)
                     break
                 try:
-                    item = self._inbound.get(timeout=0 if has_work() else self._poll_ms / 1e3)
+                    item = self._inbound.get(timeout=0 if busy() else self._poll_ms / 1e3)
                 except queue.Empty:
                     item = None
                 while item is not None:
