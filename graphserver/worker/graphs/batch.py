@@ -6,7 +6,8 @@ length is rounded up to a multiple of `len_quantum`: the kernels read every row'
 device, and the length class only bounds the attention grid, so one graph serves every batch that
 maps to its key (and keys whose launches are identical share one executable, see cuda.py).
 
-The engine never waits for a graph: a step whose key is not ready runs eagerly (counted), and the
+The engine never waits for a graph: a step whose key is not ready runs eagerly (counted; so does
+every missing key after a capture-thread failure, which snapshot() reports), and the
 capture thread, told which keys are in use, captures them and their neighbours (the next bucket up
 and the next length class), so the graphs are there by the time the batch grows into them. Keys
 beyond max_graphs are evicted least recently used first.
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import bisect
 import collections
-import threading
 import time
 from typing import Any, Callable, Optional
 
+from .capture_thread import CaptureThread
 from .seq import percentile
 
 
@@ -41,7 +42,9 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 Key = tuple[int, int]   # (bucket, attention length class)
 
 
-class BatchGraphManager:
+class BatchGraphManager(CaptureThread):
+    thread_name = "batch-graph-capture"
+
     def __init__(self, capturer, buckets: list[int], max_len: int, len_quantum: int = 64,
                  max_graphs: int = 48, log: Callable[[str], None] = lambda msg: None):
         if not buckets or buckets != sorted(set(buckets)) or buckets[0] < 1:
@@ -55,10 +58,7 @@ class BatchGraphManager:
         self._graphs: "collections.OrderedDict[Key, Any]" = collections.OrderedDict()  # LRU order
         self._recent: "collections.OrderedDict[Key, None]" = collections.OrderedDict()
         self._pinned: set[Key] = set()
-        self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
-        self._running = False
-        self._error: Optional[BaseException] = None
+        self._init_thread()
         self.captured = self.shared = self.evicted = self.replays = self.eager_steps = 0
         self.capture_ms: list[float] = []
         self.batch_hist: dict[int, int] = {}
@@ -100,8 +100,8 @@ class BatchGraphManager:
             handle = self._graphs.get(key)
             if handle is None:
                 handle = self._try_share(key)
-            if self._error is not None:
-                raise RuntimeError(f"the batched-graph capture thread failed: {self._error!r}")
+            # A failed capture thread (its error is in snapshot() and the log) leaves the graphs
+            # it made; the keys it did not get to run eagerly: serving goes on either way.
             if handle is None:
                 self.eager_steps += 1
                 if any(k not in self._graphs for k in self._neighbours(key)):
@@ -134,20 +134,7 @@ class BatchGraphManager:
             if self._running:
                 return
             self._running = True
-        self._thread = threading.Thread(target=self._run, name="batch-graph-capture", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._running = False
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    @property
-    def running(self) -> bool:
-        return self._running
+            self._start_thread()
 
     def _next_job(self) -> Optional[Key]:
         """Under the lock: the first missing key near a recently used one (newest first)."""
@@ -165,41 +152,18 @@ class BatchGraphManager:
             self.capturer.release(self._graphs.pop(victim))
             self.evicted += 1
 
-    def _run(self) -> None:
-        try:
-            on_start = getattr(self.capturer, "on_thread_start", None)
-            if on_start is not None:
-                on_start()
-            while True:
-                with self._cond:
-                    if not self._running:
-                        return
-                    key = self._next_job()
-                    if key is None:
-                        self._cond.wait(timeout=0.1)
-                        continue
-                t0 = time.perf_counter()
-                handle = self.capturer.capture(key)
-                ms = (time.perf_counter() - t0) * 1e3
-                with self._cond:
-                    if key in self._graphs:
-                        self.capturer.release(handle)
-                        continue
-                    self._graphs[key] = handle
-                    self.captured += 1
-                    if getattr(handle, "shared", False):
-                        self.shared += 1
-                    else:
-                        self.capture_ms.append(ms)
-                        del self.capture_ms[:-2048]
-                    self._evict()
-                    self._cond.notify_all()
-        except BaseException as exc:    # surfaced on the request side, never lost
-            with self._cond:
-                self._error = exc
-                self._running = False
-                self._cond.notify_all()
-            self.log(f"batched-graph capture thread failed: {exc!r}")
+    def _install(self, key: Key, handle: Any, ms: float) -> None:
+        if key in self._graphs:
+            self.capturer.release(handle)
+            return
+        self._graphs[key] = handle
+        self.captured += 1
+        if getattr(handle, "shared", False):
+            self.shared += 1
+        else:
+            self.capture_ms.append(ms)
+            del self.capture_ms[:-2048]
+        self._evict()
 
     def wait_ready(self, keys: list[Key], timeout_s: float) -> bool:
         """Block until graphs for these keys exist (tests and benchmarks warm up with it)."""

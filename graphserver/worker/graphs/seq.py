@@ -11,10 +11,11 @@ exact length from device memory, so a graph for key K serves every T that rounds
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+from .capture_thread import CaptureThread
 
 
 
@@ -53,7 +54,7 @@ class GraphStats:
         del self.capture_ms[:-keep]
 
 
-class GraphManager:
+class GraphManager(CaptureThread):
     """Keeps graphs for keys in a window [T - behind, T + ahead] around every live length."""
 
     def __init__(self, capturer, max_len: int, bucket: int = 1, ahead: int = 32, behind: int = 2,
@@ -69,10 +70,7 @@ class GraphManager:
         self._graphs: dict[int, Any] = {}
         self._live: dict[str, int] = {}        # session -> its current length T
         self._pinned: set[int] = set()
-        self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
-        self._running = False
-        self._error: Optional[BaseException] = None
+        self._init_thread()
 
     # ------------------------------------------------------------------ keys and windows
 
@@ -128,20 +126,7 @@ class GraphManager:
             if self._running:
                 return
             self._running = True
-        self._thread = threading.Thread(target=self._run, name="graph-capture", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._running = False
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    @property
-    def running(self) -> bool:
-        return self._running
+            self._start_thread()
 
     def _next_job(self) -> Optional[int]:
         """Under the lock: evict what left every window, return the next key to capture."""
@@ -156,33 +141,12 @@ class GraphManager:
                 return k
         return None
 
-    def _run(self) -> None:
-        try:
-            self.capturer.on_thread_start()
-            while True:
-                with self._cond:
-                    if not self._running:
-                        return
-                    key = self._next_job()
-                    if key is None:
-                        self._cond.wait(timeout=0.1)
-                        continue
-                t0 = time.perf_counter()
-                handle = self.capturer.capture(key)
-                ms = (time.perf_counter() - t0) * 1e3
-                with self._cond:
-                    if key in self._graphs:       # capture_now raced us to it
-                        self.capturer.release(handle)
-                        continue
-                    self._graphs[key] = handle
-                    self.stats.record_capture(ms, getattr(handle, "shared", False))
-                    self._cond.notify_all()
-        except BaseException as exc:   # surfaced to the request thread, never lost
-            with self._cond:
-                self._error = exc
-                self._running = False
-                self._cond.notify_all()
-            self.log(f"graph capture thread failed: {exc!r}")
+    def _install(self, key: int, handle: Any, ms: float) -> None:
+        if key in self._graphs:       # capture_now raced us to it
+            self.capturer.release(handle)
+            return
+        self._graphs[key] = handle
+        self.stats.record_capture(ms, getattr(handle, "shared", False))
 
     def capture_now(self, key: int) -> None:
         """Capture one key synchronously on the calling thread (used before the thread runs)."""
