@@ -254,6 +254,9 @@ class EngineProc:
         msg_id: Any = None
         try:
             obj = protocol.decode(body[0], self._max_msg_size)
+            if isinstance(obj, dict) and isinstance(obj.get("id"), (int, str)) \
+                    and not isinstance(obj.get("id"), bool):
+                msg_id = obj["id"]         # so that even a refusal below echoes it
             if self._auth is not None:
                 token = protocol.request_auth(obj)
                 if token is None or not hmac.compare_digest(token.encode(), self._auth):
