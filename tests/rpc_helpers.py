@@ -8,7 +8,7 @@ import zmq
 
 from fake_engine import FakeEngine
 from graphserver import protocol
-from graphserver.server import RPCServer
+from graphserver.engine.proc import EngineProc as RPCServer
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)

@@ -14,7 +14,7 @@ import zmq
 from client.rpc import (RemoteBadRequest, RemoteError, RemoteInternalError, RemoteKVExhausted,
                         RemoteProtocolError, RemoteUnknownSession, RPCClient, ServerDead)
 from graphserver import errors, protocol
-from graphserver.server import RPCServer
+from graphserver.engine.proc import EngineProc as RPCServer
 
 from fake_engine import FakeEngine
 from rpc_helpers import ServerThread
@@ -228,7 +228,7 @@ def test_engine_errors_are_typed(client):
 
 def test_internal_error_is_reported_and_logged(client, served, caplog):
     served.engine.broken = True
-    with caplog.at_level("ERROR", logger="graphserver.server"):
+    with caplog.at_level("ERROR", logger="graphserver.engine.proc"):
         with pytest.raises(RemoteInternalError, match="RuntimeError: fake engine is broken") as ei:
             client.status()
     assert ei.value.type == "InternalError"
