@@ -9,9 +9,11 @@ call leaves the session exactly as it was.
 from __future__ import annotations
 
 import collections
+import ctypes
+import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -28,6 +30,18 @@ MAX_TOP_K_REPLY = 4096
 
 def session_owner(name: str) -> str:
     return "session:" + name
+
+
+def heap_trimmer() -> Optional[Callable[[], int]]:
+    """glibc's malloc_trim(0), or None where there is none (not Linux, or not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim       # already loaded: the process's own libc
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
 
 
 @dataclass
@@ -49,6 +63,12 @@ class Sessions:
         self.sessions: dict[str, Session] = {}
         self.reclaimed = 0
         self.graphs: Optional[GraphManager] = None
+        # On the CPU a session's logits ([1, V] float32, 196 KB at V = 49152) live on the glibc
+        # heap, below the heap top that later allocations keep in use, so glibc never hands them
+        # back by itself: RSS stayed at its high-water mark after every session was freed
+        # (1000 sessions: +196 MB, none of it returned). A trim on each free returns them (about
+        # 15 us). On CUDA the logits live on the device: nothing to trim.
+        self._trim_heap = None if core.is_cuda else heap_trimmer()
         if core.is_cuda:
             self.hist_host = torch.empty(core.max_len + 1, dtype=torch.int32).pin_memory()
             capturer = CudaGraphCapturer(core.runner, core.device, core.tracer)
@@ -107,6 +127,8 @@ class Sessions:
         del self.sessions[name]
         if self.graphs:
             self.graphs.forget(name)
+        if self._trim_heap is not None:
+            self._trim_heap()
         return freed
 
     def _logits_reply(self, logits: torch.Tensor, top_k: Optional[int]) -> dict:
