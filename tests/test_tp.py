@@ -117,6 +117,7 @@ def _reference(model: str) -> dict:
     try:
         eng.kv_init("s", list(PROMPTS[0]))
         replay = eng.replay_seq("s", STEPS)["tokens"]
+        logits = torch.as_tensor(eng.step("s", replay[-1])["logits"])
         got: dict[str, list[int]] = {}
 
         def collector(rid):
@@ -131,7 +132,8 @@ def _reference(model: str) -> dict:
             eng.run_step()
             n += 1
             assert n < 10 * STEPS
-        return {"replay": replay, "generate": [got[f"r{i}"] for i in range(len(PROMPTS))]}
+        return {"replay": replay, "generate": [got[f"r{i}"] for i in range(len(PROMPTS))],
+                "logits": logits}
     finally:
         eng.close()
 
@@ -145,6 +147,7 @@ def _through_server(model: str, tp: int) -> dict:
         assert info["tp"] == tp and info["capabilities"]["reload"] is False
         client.kv_init("s", list(PROMPTS[0]))
         replay = client.replay_seq("s", STEPS)["tokens"]
+        logits = client.step("s", replay[-1])["logits"]        # the eager step's full logits
         streams = [client.generate(list(p), max_tokens=STEPS, ignore_eos=True,
                                    request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
         gen = []
@@ -153,12 +156,15 @@ def _through_server(model: str, tp: int) -> dict:
             for result in st:
                 toks += result["tokens"]
             gen.append(toks)
-    return {"replay": replay, "generate": gen}
+    return {"replay": replay, "generate": gen, "logits": torch.as_tensor(logits)}
 
 
 def _assert_same(got: dict, want: dict) -> None:
     assert len(want["replay"]) == STEPS and all(len(t) == STEPS for t in want["generate"])
     assert got["replay"] == want["replay"]
+    # Same model, other summation order (partial sums all-reduced): close, not bit-equal.
+    assert got["logits"].shape == want["logits"].shape
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
     for i, (g, w) in enumerate(zip(got["generate"], want["generate"])):
         diverge = next((k for k, (a, b) in enumerate(zip(g, w)) if a != b), None)
         assert g == w, f"generate {i}: first divergence at token {diverge}"
