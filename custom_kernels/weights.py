@@ -125,34 +125,103 @@ def _allocate(cfg: Any, device: torch.device | str, dtype: torch.dtype) -> Model
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one HF tensor lands: rows [row, row + shape[0]) of a view (the whole view if 1-D)."""
+    """Where one HF tensor lands: rows [row, row + shape[0]) of a view (the whole view if 1-D).
+
+    shape is the full (unsharded) HF shape. split is the tensor-parallel shard rule: the dim
+    cut into `world` equal parts, rank r keeping part r (0: rows, i.e. output features; 1: columns,
+    i.e. input features), or None when every rank holds the whole tensor. Under a shard, row is
+    the offset inside the rank's (smaller) view.
+    """
     view: str
     row: int
     shape: tuple[int, ...]
+    split: int | None = None
+
+    def shard_shape(self, world: int) -> tuple[int, ...]:
+        if self.split is None:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.split] //= world
+        return tuple(shape)
 
 
-def _hf_targets(cfg: Any) -> dict[str, _Target]:
-    """Every HF tensor name the checkpoint must hold -> its place in the arena."""
+def _hf_targets(cfg: Any, world: int = 1) -> dict[str, _Target]:
+    """Every HF tensor name the checkpoint must hold -> its place in the arena of one rank of
+    `world` tensor-parallel ranks (world 1: the whole model).
+
+    Shard rules (Megatron-style): q/k/v by heads and gate/up by output rows (column-parallel, no
+    communication), o_proj and down_proj by input columns (row-parallel: the runner all-reduces
+    their outputs). Rank r's q heads [r nq/N, (r+1) nq/N) read exactly kv heads
+    [r nkv/N, (r+1) nkv/N), so every kv head stays with its query heads. Embedding, norms and
+    lm_head are replicated: the step needs no gather, and a vocab-parallel lm_head is a later
+    optimization.
+    """
     h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    qs, kvs, ints = q // world, kv // world, inter // world     # this rank's rows
     targets = {"model.embed_tokens.weight": _Target("embed", 0, (cfg.vocab_size, h)),
                "model.norm.weight": _Target("norm", 0, (h,))}
     for i in range(cfg.num_layers):
         p, v = f"model.layers.{i}.", f"layers.{i}."
         targets.update({
             p + "input_layernorm.weight": _Target(v + "ln1", 0, (h,)),
-            p + "self_attn.q_proj.weight": _Target(v + "wqkv", 0, (q, h)),
-            p + "self_attn.k_proj.weight": _Target(v + "wqkv", q, (kv, h)),
-            p + "self_attn.v_proj.weight": _Target(v + "wqkv", q + kv, (kv, h)),
-            p + "self_attn.o_proj.weight": _Target(v + "wo", 0, (h, q)),
+            p + "self_attn.q_proj.weight": _Target(v + "wqkv", 0, (q, h), 0),
+            p + "self_attn.k_proj.weight": _Target(v + "wqkv", qs, (kv, h), 0),
+            p + "self_attn.v_proj.weight": _Target(v + "wqkv", qs + kvs, (kv, h), 0),
+            p + "self_attn.o_proj.weight": _Target(v + "wo", 0, (h, q), 1),
             p + "post_attention_layernorm.weight": _Target(v + "ln2", 0, (h,)),
-            p + "mlp.gate_proj.weight": _Target(v + "w13", 0, (inter, h)),
-            p + "mlp.up_proj.weight": _Target(v + "w13", inter, (inter, h)),
-            p + "mlp.down_proj.weight": _Target(v + "w2", 0, (h, inter)),
+            p + "mlp.gate_proj.weight": _Target(v + "w13", 0, (inter, h), 0),
+            p + "mlp.up_proj.weight": _Target(v + "w13", ints, (inter, h), 0),
+            p + "mlp.down_proj.weight": _Target(v + "w2", 0, (h, inter), 1),
         })
     if not cfg.tie_word_embeddings:
         targets["lm_head.weight"] = _Target("lm_head", 0, (cfg.vocab_size, h))
     return targets
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Tensor-parallel rank `rank` of `world` (world 1: the whole model, no slicing)."""
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        if not (isinstance(self.world, int) and self.world >= 1 and 0 <= self.rank < self.world):
+            raise ValueError(f"bad shard: rank {self.rank} of world {self.world}")
+
+
+def shard_divisibility_problem(cfg: Any, world: int) -> str | None:
+    """None when cfg splits into `world` ranks, else what does not divide (one clause)."""
+    heads, kv = cfg.num_heads, cfg.num_kv_heads
+    if heads % world or kv % world:
+        return (f"num_attention_heads {heads} and num_key_value_heads {kv} must both divide "
+                f"by {world}")
+    if cfg.intermediate_size % world:
+        return f"intermediate_size {cfg.intermediate_size} must divide by {world}"
+    return None
+
+
+def shard_config(cfg: Any, world: int) -> Any:
+    """The config one rank's arena and runner are built from: nq/N, nkv/N heads, I/N (ValueError
+    when cfg does not divide). The config must be a dataclass (ModelConfig is)."""
+    import dataclasses
+
+    if world == 1:
+        return cfg
+    problem = shard_divisibility_problem(cfg, world)
+    if problem:
+        raise ValueError(problem)
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // world,
+                               num_kv_heads=cfg.num_kv_heads // world,
+                               intermediate_size=cfg.intermediate_size // world)
+
+
+def _shard_of(tensor: torch.Tensor, target: _Target, shard: Shard) -> torch.Tensor:
+    """Rank shard.rank's part of a full HF tensor under target's split rule."""
+    if target.split is None or shard.world == 1:
+        return tensor
+    size = tensor.shape[target.split] // shard.world
+    return tensor.narrow(target.split, shard.rank * size, size)
 
 
 def expected_hf_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
@@ -167,9 +236,10 @@ def _view_by_name(weights: ModelWeights, name: str) -> torch.Tensor:
     return getattr(weights, name)
 
 
-def _target_slice(weights: ModelWeights, target: _Target) -> torch.Tensor:
+def _target_slice(weights: ModelWeights, target: _Target, world: int = 1) -> torch.Tensor:
     view = _view_by_name(weights, target.view)
-    return view if view.dim() == 1 else view[target.row: target.row + target.shape[0]]
+    rows = target.shard_shape(world)[0]
+    return view if view.dim() == 1 else view[target.row: target.row + rows]
 
 
 # ----------------------------------------------------------------------------- safetensors index
@@ -255,18 +325,22 @@ def _check_tied_lm_head(where: dict[str, Path]) -> None:
 
 # ----------------------------------------------------------------------------- filling
 
-def _fill_from_safetensors(weights: ModelWeights, cfg: Any, where: dict[str, Path]) -> None:
-    """Tensor by tensor, file by file, straight into the arena views (copy_ converts the dtype)."""
+def _fill_from_safetensors(weights: ModelWeights, cfg: Any, where: dict[str, Path],
+                           shard: Shard = Shard()) -> None:
+    """Tensor by tensor, file by file, straight into the arena views (copy_ converts the dtype).
+    cfg is the full config; under a shard each rank copies its part of each tensor."""
     from safetensors import safe_open
 
-    targets = _hf_targets(cfg)
+    targets = _hf_targets(cfg, shard.world)
     by_file: dict[Path, list[str]] = {}
     for name in targets:
         by_file.setdefault(where[name], []).append(name)
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name in names:
-                _target_slice(weights, targets[name]).copy_(f.get_tensor(name))
+                t = targets[name]
+                _target_slice(weights, t, shard.world).copy_(
+                    _shard_of(f.get_tensor(name), t, shard))
 
 
 def _fill_random(weights: ModelWeights, cfg: Any, seed: int) -> None:
@@ -281,10 +355,35 @@ def _fill_random(weights: ModelWeights, cfg: Any, seed: int) -> None:
     gen = torch.Generator(device=weights.arena.device)
     gen.manual_seed(int(seed))
     for _, view in weights.views():
-        if view.dim() == 1:  # [H] norm weight
-            view.normal_(1.0, 0.02, generator=gen)
-        else:                # [rows, fan_in]
-            view.normal_(0.0, view.shape[1] ** -0.5, generator=gen)
+        _random_like(view, gen)
+
+
+def _random_like(view: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fill one full-model view with its random values (the rule in _fill_random's docstring)."""
+    if view.dim() == 1:  # [H] norm weight
+        return view.normal_(1.0, 0.02, generator=gen)
+    return view.normal_(0.0, view.shape[1] ** -0.5, generator=gen)     # [rows, fan_in]
+
+
+def _fill_random_shard(weights: ModelWeights, cfg: Any, seed: int, shard: Shard) -> None:
+    """One rank's part of exactly the weights _fill_random makes for the whole model: each full
+    view is generated (same generator, same order, same shapes), then the rank's part of every HF
+    tensor in it is copied out, so TP=N runs the same model as TP=1. cfg is the full config."""
+    dev, dtype = weights.arena.device, weights.arena.dtype
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(int(seed))
+    whole = _hf_targets(cfg, 1)                      # where each tensor sits in the full view
+    placed = _hf_targets(cfg, shard.world)           # same names: where this rank keeps its part
+    by_view: dict[str, list[str]] = {}
+    for name, t in whole.items():
+        by_view.setdefault(t.view, []).append(name)
+    for view_name, shape in _view_shapes(cfg):
+        full = _random_like(torch.empty(shape, dtype=dtype, device=dev), gen)
+        for name in by_view.get(view_name, ()):
+            t = whole[name]
+            piece = full if full.dim() == 1 else full[t.row: t.row + t.shape[0]]
+            mine = placed[name]
+            _target_slice(weights, mine, shard.world).copy_(_shard_of(piece, mine, shard))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -303,24 +402,31 @@ def _source_dir(source: Any) -> Path | None:
 
 
 def load_weights(source_or_dir: Any, config: Any, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> ModelWeights:
+                 dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 shard: Shard = Shard()) -> ModelWeights:
     """Load (or generate) every weight into one device arena.
 
     source_or_dir: a ModelSource-like object (`kind` "hf" with `path`, or "random"), a directory
-    path, or None for random weights. config: ModelConfig-like (duck-typed). The checkpoint is
-    validated against the config from the headers alone before any byte is copied.
+    path, or None for random weights. config: ModelConfig-like (duck-typed), the full model's.
+    The checkpoint is validated against the config from the headers alone before any byte is
+    copied. shard: load only tensor-parallel rank shard.rank's part (see _hf_targets); the arena
+    is then laid out for shard_config(config, shard.world).
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    local = shard_config(config, shard.world)
     model_dir = _source_dir(source_or_dir)
     if model_dir is None:
-        weights = _allocate(config, device, dtype)
-        _fill_random(weights, config, seed)
+        weights = _allocate(local, device, dtype)
+        if shard.world == 1:
+            _fill_random(weights, config, seed)
+        else:
+            _fill_random_shard(weights, config, seed, shard)
         return weights
     where, shapes, _ = read_checkpoint_index(safetensors_files(model_dir))
     check_checkpoint(config, shapes)
     if config.tie_word_embeddings and "lm_head.weight" in where:
         _check_tied_lm_head(where)
-    weights = _allocate(config, device, dtype)
-    _fill_from_safetensors(weights, config, where)
+    weights = _allocate(local, device, dtype)
+    _fill_from_safetensors(weights, config, where, shard)
     return weights

@@ -86,6 +86,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=argtypes.positive_int, metavar="N",
                    help="generate requests decoded together in one batched step (rows of the "
                    f"batched graphs) (default: {d.DEFAULT_MAX_NUM_SEQS})")
+    p.add_argument("--tp", type=argtypes.positive_int, metavar="N",
+                   help="tensor-parallel ranks: N processes (one GPU each on CUDA, cuda:0..N-1), "
+                   "each holding 1/N of the attention heads, KV heads and MLP columns; the model's "
+                   "head counts and intermediate_size must divide by N; graphs are off and "
+                   f"reload is refused when N > 1 (default: {d.DEFAULT_TP})")
     p.add_argument("--prefill-chunk", type=argtypes.positive_int, metavar="N",
                    help="prompt tokens per prefill forward; long prompts run in chunks beside the "
                    f"running decodes (default: {d.DEFAULT_PREFILL_CHUNK})")
@@ -215,7 +220,7 @@ def _bind_message(endpoint: str, err: int | None, text: str | None) -> str:
 _ENGINE_KWARGS = ("model", "device", "dtype", "kv_blocks", "block_size", "graph_bucket", "max_len",
                   "cache_dir", "gguf", "torch_profile", "session_ttl_s", "max_num_seqs",
                   "prefill_chunk", "max_num_batched_tokens", "max_waiting", "model_version",
-                  "batch_invariant", "batch_graphs")
+                  "batch_invariant", "batch_graphs", "tp")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

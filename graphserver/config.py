@@ -372,6 +372,7 @@ class EngineConfig:
     wait_s: float = 10.0                  # a session replay waits this long for a missing graph
     max_inflight: int = 32                # session replay: steps queued ahead of the GPU
     model_version: str = _d.DEFAULT_MODEL_VERSION  # reported in every generate reply until a reload
+    tp: int = _d.DEFAULT_TP               # tensor-parallel ranks (processes; GPUs on CUDA)
 
     def resolved(self, model_max_positions: int) -> "EngineConfig":
         """A copy with every None filled in and every value checked (ValueError names the knob)."""
@@ -380,7 +381,7 @@ class EngineConfig:
         from .errors import ConfigError
 
         for name in ("block_size", "max_num_seqs", "prefill_chunk", "max_waiting",
-                     "max_batch_graphs", "graph_bucket", "max_inflight"):
+                     "max_batch_graphs", "graph_bucket", "max_inflight", "tp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")

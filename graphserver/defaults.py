@@ -13,6 +13,7 @@ DEFAULT_MODEL_VERSION = "0"  # what hello reports until a reload names another
 DEFAULT_MAX_NUM_SEQS = 64  # rows of the batched decode step: generate requests running at once
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill forward (chunks start at multiples of it)
 DEFAULT_MAX_WAITING = 4096  # queued generate requests past which new ones get Overloaded
+DEFAULT_TP = 1  # tensor-parallel ranks: 1 = one process, no sharding
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_TOKEN_ENV = "GRAPHSERVER_AUTH_TOKEN"  # both ends read the shared token from here

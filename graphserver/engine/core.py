@@ -69,18 +69,31 @@ class EngineCore:
             log(f"max_len {config.max_len} is past the model's max_position_embeddings "
                 f"{self.cfg.max_position_embeddings}; using {self.cfg.max_position_embeddings}")
         self.config = config = config.resolved(self.cfg.max_position_embeddings)
+        self.tp = config.tp
+        self.tp_group = None
+        if self.tp > 1:
+            from ..worker.tp import check_tp
+            check_tp(self.cfg, self.tp)       # before anything is loaded or started
+            if self.is_cuda:                  # rank r on cuda:r; rank 0 is this process
+                if self.device.index not in (None, 0):
+                    log(f"--tp {self.tp}: rank r runs on cuda:r; ignoring {self.device}")
+                self.device = torch.device("cuda", 0)
         self.max_len = config.max_len
         self.model_version = config.model_version
         self.tracer = Tracer(torch_profile)
         t0 = time.perf_counter()
         self.replay_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         with self.on_stream():
-            weights = load_weights(self.source, self.cfg, self.device, self.dtype, seed=seed)
-            self.runner = ModelRunner(self.cfg, weights, max_len=self.max_len,
-                                      kv_blocks=config.kv_blocks, block_size=config.block_size,
-                                      prefill_chunk=config.prefill_chunk,
-                                      max_num_seqs=config.max_num_seqs,
-                                      batch_invariant=config.batch_invariant)
+            if self.tp > 1:
+                self.runner = self._start_tp(seed)
+            else:
+                weights = load_weights(self.source, self.cfg, self.device, self.dtype, seed=seed)
+                self.runner = ModelRunner(self.cfg, weights, max_len=self.max_len,
+                                          kv_blocks=config.kv_blocks,
+                                          block_size=config.block_size,
+                                          prefill_chunk=config.prefill_chunk,
+                                          max_num_seqs=config.max_num_seqs,
+                                          batch_invariant=config.batch_invariant)
             self.runner.bind_stream()
         self.alloc = BlockAllocator(config.kv_blocks, config.block_size,
                                     self.runner.max_blocks_per_seq)
@@ -91,7 +104,7 @@ class EngineCore:
             max_waiting=config.max_waiting, allocator=self.alloc,
             watermark_blocks=config.kv_watermark_blocks, clock=clock, reclaim=self._reclaim)
         self.batch_graphs: Optional[BatchGraphManager] = None
-        if self.is_cuda and config.batch_graphs:
+        if self.is_cuda and config.batch_graphs and self.tp == 1:   # TP steps run eagerly
             capturer = CudaGraphCapturer(
                 self.runner, self.device, self.tracer, label="B,L",
                 step=lambda key: self.runner.decode_batch(*key),
@@ -112,7 +125,25 @@ class EngineCore:
             f"weights {self.runner.weight_bytes / 1e9:.3f} GB, KV arena "
             f"{self.runner.kv.nbytes / 1e9:.3f} GB ({config.kv_blocks} blocks x "
             f"{config.block_size}), max_len {self.max_len}, max_num_seqs {config.max_num_seqs}, "
-            f"loaded in {self.load_s:.1f} s")
+            f"{f'tp {self.tp} (per rank), ' if self.tp > 1 else ''}loaded in {self.load_s:.1f} s")
+
+    def _start_tp(self, seed: int):
+        """Start ranks 1..tp-1, join the group as rank 0, and return rank 0's runner proxy."""
+        from ..worker.tp import RunnerProxy, TPGroup, build_runner
+
+        c = self.config
+        spec = dict(source=self.source, device_type=self.device.type, dtype=self.dtype,
+                    seed=seed, max_len=self.max_len, kv_blocks=c.kv_blocks,
+                    block_size=c.block_size, prefill_chunk=c.prefill_chunk,
+                    max_num_seqs=c.max_num_seqs, batch_invariant=c.batch_invariant)
+        self.tp_group = group = TPGroup(spec, self.tp, self.log)
+        try:
+            runner = build_runner(group.spec, 0)
+            group.wait_ready()
+        except BaseException:
+            group.close()
+            raise
+        return RunnerProxy(runner, group)
 
     # ------------------------------------------------------------------ helpers
 
@@ -167,6 +198,9 @@ class EngineCore:
         admission pauses, running requests finish (up to drain_timeout_s; later ones are aborted),
         the weights are copied into the same arena and the version is bumped.
         """
+        if self.tp > 1:
+            raise BadRequest(f"reload is not supported with --tp {self.tp} yet (each rank would "
+                             "need its shard of the new checkpoint)")
         if self.reload_pending is not None:
             raise BadRequest(f"a reload to version {self.reload_pending.version!r} is in progress")
         if not version:
@@ -244,7 +278,7 @@ class EngineCore:
             "bos_token_id": self.cfg.bos_token_id, "max_len": self.max_len,
             "weight_bytes": self.runner.weight_bytes, "kv_bytes": self.runner.kv.nbytes,
             "model_version": self.model_version, "max_num_seqs": self.config.max_num_seqs,
-            "batch_invariant": self.config.batch_invariant,
+            "batch_invariant": self.config.batch_invariant, "tp": self.tp,
         }
 
     def snapshot(self) -> dict:
@@ -260,3 +294,6 @@ class EngineCore:
     def close(self) -> None:
         if self.batch_graphs is not None:
             self.batch_graphs.stop()
+        if self.tp_group is not None:
+            self.tp_group.close()
+            self.tp_group = None

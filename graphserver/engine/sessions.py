@@ -71,6 +71,9 @@ class Sessions:
         self._trim_heap = None if core.is_cuda else heap_trimmer()
         if core.is_cuda:
             self.hist_host = torch.empty(core.max_len + 1, dtype=torch.int32).pin_memory()
+        # With TP > 1 the step runs eagerly: a graph of it would have to be captured and replayed
+        # on every rank in step (not built yet).
+        if core.is_cuda and core.tp == 1:
             capturer = CudaGraphCapturer(core.runner, core.device, core.tracer)
             self.graphs = GraphManager(capturer, core.max_len, bucket=cfg.graph_bucket,
                                        log=core.log)
@@ -252,7 +255,7 @@ class Sessions:
         deadline_hit = False
         with core.tracer.range(f"replay_seq {steps}", "replay"), core.on_stream():
             if sample_first:
-                io.logits.copy_(s.logits)
+                runner.restore_logits(s.logits)
                 runner.load_session(table, s.length - 1, 0)
             else:
                 runner.load_session(table, s.length, s.pending)

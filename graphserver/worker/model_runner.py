@@ -80,6 +80,9 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.batch_invariant = batch_invariant
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # Tensor parallelism (worker/tp.py): cfg is then one rank's shard config, and this sums
+        # the row-parallel outputs (o-proj, down-proj) over the ranks in place. None at TP=1.
+        self.all_reduce: Optional[Callable[[torch.Tensor], None]] = None
         dev, dt = self.device, self.dtype
 
         self.kv = KVArena.allocate(cfg.num_layers, kv_blocks, block_size, cfg.num_kv_heads,
@@ -140,6 +143,7 @@ class ModelRunner:
         residual, normed, proj = s.residual[:n], s.normed[:n], s.proj[:n]
         qkv, q, attn = s.qkv[:n], s.q[:n], s.attn[:n]
         gate_up, act = s.gate_up[:n], s.act[:n]
+        reduce = self.all_reduce
         for i, lw in enumerate(self.w.layers):
             if i == 0:
                 ops.rmsnorm(residual, lw.ln1, eps, normed)
@@ -158,6 +162,8 @@ class ModelRunner:
             if probe:
                 probe("attn", i, attn)
             linear(attn.view(n, cfg.q_size), lw.wo, proj)
+            if reduce is not None:      # each rank holds a partial sum over its heads
+                reduce(proj)
             if probe:
                 probe("o_proj", i, proj)
             ops.add_rmsnorm(proj, residual, lw.ln2, eps, normed)
@@ -167,6 +173,8 @@ class ModelRunner:
             # SwiGLU + down projection: one fused kernel at decode sizes (n <= 8 on CUDA);
             # swiglu into `act` then linear elsewhere (CPU, prefill chunks): same results.
             swiglu_linear(gate_up, lw.w2, proj, act)
+            if reduce is not None:      # a partial sum over this rank's intermediate columns
+                reduce(proj)
             if probe:
                 probe("mlp", i, proj)
         ops.add_rmsnorm(proj, residual, self.w.norm, eps, normed)
@@ -258,6 +266,10 @@ class ModelRunner:
                                   self.scale, out)
 
         self._layers(n, attend, s.positions[:n], bt, None)
+
+    def restore_logits(self, logits: torch.Tensor) -> None:
+        """Put a session's saved last logits [1, V] back into io.logits (before sample_pending)."""
+        self.io.logits.copy_(logits)
 
     def sample_pending(self) -> None:
         """Sample from io.logits into io.token_in / token_hist and advance io.position."""

@@ -1,0 +1,280 @@
+"""Tensor parallelism over N ranks of one host (`--tp N`).
+
+Rank 0 is the server process: it runs the scheduler, the sessions and the RPCs, and holds shard 0
+of the model. Ranks 1..N-1 are worker processes started here; each holds its own shard (weights
+and KV heads, see custom_kernels.weights._hf_targets for the rules) and runs exactly the runner
+calls rank 0 runs, in the same order, with the same host arguments. The model's only
+communication is the all-reduce the runner does after the o-proj and the down-proj
+(ModelRunner.all_reduce); everything else is replicated, so every rank ends a step with the same
+logits and samples the same token, and only rank 0 reads results back.
+
+How the calls travel: rank 0's RunnerProxy sends (method, arguments) down one multiprocessing
+pipe per worker before running the call itself. A pipe rather than a collective broadcast: an idle
+server may wait for hours (a collective would time out), and a worker whose server died sees
+end-of-file and exits instead of lingering.
+
+Collectives: gloo on the CPU, bound to 127.0.0.1; NCCL on CUDA (rank r on cuda:r). The rendezvous
+is a file in a private temp dir, so no port is chosen or bound for it. The NCCL path is written
+but has not run yet (no multi-GPU machine in CI); graphs are off with TP > 1 (the step is eager).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from custom_kernels.weights import Shard, load_weights, shard_config, shard_divisibility_problem
+
+from ..errors import ConfigError, DeadlineExceeded
+from .model_runner import ModelRunner
+
+# How long one collective (and the rendezvous) may wait for the other ranks. Every rank enters a
+# step's all-reduces together, so a wait this long means a rank died or hung.
+COLLECTIVE_TIMEOUT_S = 300.0
+READY_POLL_S = 0.5
+
+# Runner calls that touch the device: mirrored to every worker. Anything else (reading io,
+# kv, weights, signatures) is answered by rank 0's own runner.
+MIRRORED_RUNNER = frozenset({"prefill", "prefill_kv", "decode_step", "decode_batch",
+                             "load_session", "set_sampling", "sample_pending", "restore_logits"})
+MIRRORED_BATCH = frozenset({"fill", "upload"})
+
+
+def check_tp(cfg: Any, tp: int) -> None:
+    """ConfigError (one line naming the counts) when the model does not split into tp ranks."""
+    problem = shard_divisibility_problem(cfg, tp)
+    if problem:
+        raise ConfigError(f"--tp {tp}: {problem}")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs to build its runner (picklable: it travels to spawned workers)."""
+    source: Any                 # prepare.ModelSource (weights and the full ModelConfig)
+    device_type: str            # "cpu" | "cuda"
+    dtype: torch.dtype
+    seed: int
+    world: int
+    max_len: int
+    kv_blocks: int
+    block_size: int
+    prefill_chunk: int
+    max_num_seqs: int
+    batch_invariant: bool
+    init_file: str              # the rendezvous file (file:// store)
+
+    def device(self, rank: int) -> torch.device:
+        return torch.device("cuda", rank) if self.device_type == "cuda" else torch.device("cpu")
+
+
+def init_group(spec: WorkerSpec, rank: int) -> None:
+    """Join the process group of spec.world ranks (NCCL on CUDA, gloo on 127.0.0.1 otherwise)."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    kwargs: dict[str, Any] = {}
+    if spec.device_type == "cuda":
+        backend = "nccl"
+        torch.cuda.set_device(spec.device(rank))
+        kwargs["device_id"] = spec.device(rank)
+    else:
+        backend = "gloo"
+        opts = dist.ProcessGroupGloo._Options()
+        # Loopback only: the ranks are processes of one host, nothing else may connect.
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        kwargs["pg_options"] = opts
+    dist.init_process_group(backend, init_method="file://" + spec.init_file, rank=rank,
+                            world_size=spec.world, timeout=timeout, **kwargs)
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(t)      # in place, sum
+
+
+def build_runner(spec: WorkerSpec, rank: int) -> ModelRunner:
+    """Rank `rank`'s shard of the weights, its runner on the shard config, the all-reduce hook."""
+    cfg = spec.source.config
+    device = spec.device(rank)
+    weights = load_weights(spec.source, cfg, device, spec.dtype, seed=spec.seed,
+                           shard=Shard(rank, spec.world))
+    runner = ModelRunner(shard_config(cfg, spec.world), weights, max_len=spec.max_len,
+                         kv_blocks=spec.kv_blocks, block_size=spec.block_size,
+                         prefill_chunk=spec.prefill_chunk, max_num_seqs=spec.max_num_seqs,
+                         batch_invariant=spec.batch_invariant)
+    runner.all_reduce = _all_reduce
+    return runner
+
+
+def worker_main(spec: WorkerSpec, rank: int, conn) -> None:
+    """A worker rank: build the shard, say ready, then run each mirrored call until told to stop
+    (None) or until the server's end of the pipe closes."""
+    import torch.distributed as dist
+
+    if spec.device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)        # as rank 0 (engine/core.py): one thread per rank
+    stream = torch.cuda.Stream(spec.device(rank)) if spec.device_type == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        _serve(spec, rank, conn)
+
+
+def _serve(spec: WorkerSpec, rank: int, conn) -> None:
+    import torch.distributed as dist
+
+    try:
+        init_group(spec, rank)
+        runner = build_runner(spec, rank)
+        runner.bind_stream()
+        conn.send(("ready", None))
+    except BaseException as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        raise
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:        # the server is gone
+                return
+            if msg is None:
+                return
+            target, method, args, kwargs = msg
+            obj = runner if target == "runner" else runner.batch
+            getattr(obj, method)(*args, **kwargs)
+    except BaseException:
+        # A failed call leaves rank 0 waiting in a collective; exiting closes this rank's
+        # connections so rank 0's collective fails instead of waiting for the timeout.
+        traceback.print_exc(file=sys.stderr)
+        os._exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TPGroup:
+    """Rank 0's side: starts the worker processes, joins the group, sends them calls."""
+
+    def __init__(self, spec_without_file: dict, world: int, log: Callable[[str], None]):
+        """spec_without_file: WorkerSpec's fields but world and init_file (chosen here)."""
+        self.log = log
+        self.dir = tempfile.mkdtemp(prefix="graphserver-tp-")
+        self.spec = WorkerSpec(**spec_without_file, world=world,
+                               init_file=os.path.join(self.dir, "rendezvous"))
+        ctx = multiprocessing.get_context("spawn")     # fork after torch threads is unsafe
+        self.conns = []
+        self.procs = []
+        try:
+            for rank in range(1, world):
+                ours, theirs = ctx.Pipe()
+                p = ctx.Process(target=worker_main, args=(self.spec, rank, theirs),
+                                name=f"graphserver-tp{rank}", daemon=True)
+                p.start()
+                theirs.close()
+                self.conns.append(ours)
+                self.procs.append(p)
+            init_group(self.spec, 0)
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self) -> None:
+        """Wait until every worker has built its shard (RuntimeError if one failed or died)."""
+        for rank, (conn, p) in enumerate(zip(self.conns, self.procs), start=1):
+            while not conn.poll(READY_POLL_S):
+                if not p.is_alive():
+                    raise RuntimeError(f"tensor-parallel rank {rank} exited with code "
+                                       f"{p.exitcode} while loading")
+            status, detail = conn.recv()
+            if status != "ready":
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to load: {detail}")
+
+    def send(self, target: str, method: str, args: tuple, kwargs: dict) -> None:
+        msg = (target, method, args, kwargs)
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send(msg)
+            except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+                raise RuntimeError(f"tensor-parallel rank {rank} is gone") from None
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the workers (then kill any that do not exit) and leave the group."""
+        import torch.distributed as dist
+
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for conn in self.conns:
+            conn.close()
+        self.conns, self.procs = [], []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _BatchProxy:
+    """runner.batch on rank 0: fill / upload go to every rank, the rest is rank 0's."""
+
+    def __init__(self, batch, group: TPGroup):
+        self._batch, self._group = batch, group
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._batch, name)
+        if name not in MIRRORED_BATCH:
+            return attr
+
+        def mirrored(*args, **kwargs):
+            self._group.send("batch", name, args, kwargs)
+            return attr(*args, **kwargs)
+        return mirrored
+
+
+class RunnerProxy:
+    """Rank 0's runner under TP: the engine calls it as a ModelRunner. Device-side calls are sent
+    to the workers first (so they run concurrently on GPUs), then run on rank 0's shard."""
+
+    def __init__(self, runner: ModelRunner, group: TPGroup):
+        self._runner, self._group = runner, group
+        self.batch = _BatchProxy(runner.batch, group)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._runner, name)
+        if name not in MIRRORED_RUNNER:
+            return attr
+
+        def mirrored(*args, **kwargs):
+            # A probe is rank 0's own callback (parity scripts): the workers run without one.
+            sent = {k: v for k, v in kwargs.items() if k != "probe"}
+            self._group.send("runner", name, args, sent)
+            return attr(*args, **kwargs)
+        return mirrored
+
+    def prefill(self, input_ids: list[int], block_table: list[int], start_pos: int = 0,
+                probe=None, deadline: Optional[float] = None) -> None:
+        # The deadline is checked once, before the prefill: between chunks rank 0 would stop
+        # while the workers went on, and the next all-reduce would pair up the wrong calls.
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded("prefill passed its deadline before it started")
+        self._group.send("runner", "prefill", (input_ids, block_table, start_pos), {})
+        self._runner.prefill(input_ids, block_table, start_pos, probe=probe)
+
+    @property
+    def local(self) -> ModelRunner:
+        return self._runner

@@ -1,0 +1,180 @@
+"""Tensor parallelism on the CPU (gloo): the shard rules of the loader, the refusals of a TP size
+the model does not divide by, and greedy tokens through the real server and client at TP=N equal
+to an in-process TP=1 engine (fp32), for the session RPCs and for batched `generate`.
+
+random:tiny (4 query / 2 kv heads) is the TP=2 model: random:tiny-hd128 has one kv head, which
+cannot be split. The default model (SmolLM2-135M, 9 / 3 heads) runs at TP=3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from custom_kernels.weights import Shard, load_weights, shard_config, shard_divisibility_problem
+from graphserver.config import ModelConfig, random_shape_config
+
+STEPS = 64
+PROMPTS = ([5, 7, 11, 3, 9, 2], [17, 4, 8], [30, 1, 12, 6, 6, 14, 21, 2, 9, 10, 3])
+CPU_FP32 = ["--device", "cpu", "--dtype", "fp32", "--max-len", "256"]
+
+
+# ----------------------------------------------------------------------------- shard rules
+
+def _check_shards(full, parts, cfg) -> None:
+    """Every rank's views are exactly its slices of the full model's (reassembled = full)."""
+    n = len(parts)
+    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    qs, ks, is_ = q // n, kv // n, inter // n
+    for i, f in enumerate(full.layers):
+        p = [w.layers[i] for w in parts]
+        assert torch.equal(torch.cat([x.wqkv[:qs] for x in p]), f.wqkv[:q])             # q heads
+        assert torch.equal(torch.cat([x.wqkv[qs:qs + ks] for x in p]), f.wqkv[q:q + kv])
+        assert torch.equal(torch.cat([x.wqkv[qs + ks:] for x in p]), f.wqkv[q + kv:])
+        assert torch.equal(torch.cat([x.w13[:is_] for x in p]), f.w13[:inter])         # gate
+        assert torch.equal(torch.cat([x.w13[is_:] for x in p]), f.w13[inter:])         # up
+        assert torch.equal(torch.cat([x.wo for x in p], dim=1), f.wo)
+        assert torch.equal(torch.cat([x.w2 for x in p], dim=1), f.w2)
+        for x in p:
+            assert torch.equal(x.ln1, f.ln1) and torch.equal(x.ln2, f.ln2)
+    for w in parts:
+        assert torch.equal(w.embed, full.embed) and torch.equal(w.norm, full.norm)
+        assert torch.equal(w.lm_head, full.lm_head)
+        assert w.nbytes < full.nbytes
+
+
+def test_random_shards_slice_the_same_full_weights():
+    from graphserver.prepare import resolve_model
+
+    src = resolve_model("random:tiny")
+    cfg = src.config
+    full = load_weights(src, cfg, "cpu", torch.float32, seed=7)
+    parts = [load_weights(src, cfg, "cpu", torch.float32, seed=7, shard=Shard(r, 2))
+             for r in range(2)]
+    _check_shards(full, parts, cfg)
+    other = load_weights(src, cfg, "cpu", torch.float32, seed=8, shard=Shard(0, 2))
+    assert not torch.equal(other.layers[0].wqkv, parts[0].layers[0].wqkv)   # the seed matters
+
+
+def test_checkpoint_shards_slice_the_checkpoint(default_model_dir):
+    from graphserver.prepare import resolve_model
+
+    src = resolve_model(str(default_model_dir))
+    cfg = src.config
+    full = load_weights(src, cfg, "cpu", torch.float32)
+    parts = [load_weights(src, cfg, "cpu", torch.float32, shard=Shard(r, 3)) for r in range(3)]
+    _check_shards(full, parts, cfg)
+    local = shard_config(cfg, 3)
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (3, 1, 512)
+    assert parts[0].layers[0].wqkv.shape == (local.qkv_size, cfg.hidden_size)
+
+
+def test_divisibility_names_the_counts():
+    cfg = ModelConfig.from_hf(random_shape_config("smollm2-135m"))
+    assert shard_divisibility_problem(cfg, 3) is None
+    assert shard_divisibility_problem(cfg, 2) == (
+        "num_attention_heads 9 and num_key_value_heads 3 must both divide by 2")
+    odd = dataclasses.replace(cfg, intermediate_size=1537)
+    assert shard_divisibility_problem(odd, 3) == "intermediate_size 1537 must divide by 3"
+    with pytest.raises(ValueError, match="must both divide by 2"):
+        shard_config(cfg, 2)
+
+
+# ----------------------------------------------------------------------------- the CLI refuses
+
+@pytest.mark.parametrize("model, tp, message", [
+    (None, 2, "--tp 2: num_attention_heads 9 and num_key_value_heads 3 must both divide by 2"),
+    ("random:tiny", 3, "--tp 3: num_attention_heads 4 and num_key_value_heads 2 must both "
+                       "divide by 3"),
+])
+def test_bad_tp_size_is_one_line_exit_2(model, tp, message):
+    argv = [sys.executable, "-m", "graphserver", "--device", "cpu", "--tp", str(tp)]
+    if model:
+        argv += ["--model", model]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and " INFO " not in ln]
+    assert lines == [f"python -m graphserver: error: {message}"], proc.stderr
+
+
+def test_tp_zero_is_refused_by_the_parser():
+    proc = subprocess.run([sys.executable, "-m", "graphserver", "--tp", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--tp" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- TP=N == TP=1
+
+def _reference(model: str) -> dict:
+    """Greedy tokens of an in-process TP=1 engine: the session replay and each generate."""
+    from graphserver.engine import Engine
+
+    eng = Engine(model, device="cpu", dtype="fp32", max_len=256)
+    try:
+        eng.kv_init("s", list(PROMPTS[0]))
+        replay = eng.replay_seq("s", STEPS)["tokens"]
+        logits = torch.as_tensor(eng.step("s", replay[-1])["logits"])
+        got: dict[str, list[int]] = {}
+
+        def collector(rid):
+            def reply(result, more=False):
+                got.setdefault(rid, []).extend(result["tokens"])
+            return reply
+
+        for i, p in enumerate(PROMPTS):
+            eng.generate(collector(f"r{i}"), f"r{i}", list(p), max_tokens=STEPS, ignore_eos=True)
+        n = 0
+        while eng.has_work:
+            eng.run_step()
+            n += 1
+            assert n < 10 * STEPS
+        return {"replay": replay, "generate": [got[f"r{i}"] for i in range(len(PROMPTS))],
+                "logits": logits}
+    finally:
+        eng.close()
+
+
+def _through_server(model: str, tp: int) -> dict:
+    from client.rpc import ServerProcess
+
+    with ServerProcess(model=model, extra_args=CPU_FP32 + ["--tp", str(tp)],
+                       spawn_timeout_s=300, call_timeout_s=300) as client:
+        info = client.call("hello")
+        assert info["tp"] == tp and info["capabilities"]["reload"] is False
+        client.kv_init("s", list(PROMPTS[0]))
+        replay = client.replay_seq("s", STEPS)["tokens"]
+        logits = client.step("s", replay[-1])["logits"]        # the eager step's full logits
+        streams = [client.generate(list(p), max_tokens=STEPS, ignore_eos=True,
+                                   request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
+        gen = []
+        for st in streams:      # all three were queued before any was read: they run batched
+            toks = []
+            for result in st:
+                toks += result["tokens"]
+            gen.append(toks)
+    return {"replay": replay, "generate": gen, "logits": torch.as_tensor(logits)}
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert len(want["replay"]) == STEPS and all(len(t) == STEPS for t in want["generate"])
+    assert got["replay"] == want["replay"]
+    # Same model, other summation order (partial sums all-reduced): close, not bit-equal.
+    assert got["logits"].shape == want["logits"].shape
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
+    for i, (g, w) in enumerate(zip(got["generate"], want["generate"])):
+        diverge = next((k for k, (a, b) in enumerate(zip(g, w)) if a != b), None)
+        assert g == w, f"generate {i}: first divergence at token {diverge}"
+
+
+def test_tp2_random_tiny_equals_tp1_through_the_server():
+    _assert_same(_through_server("random:tiny", 2), _reference("random:tiny"))
+
+
+@pytest.mark.slow
+def test_tp3_default_model_equals_tp1_through_the_server(default_model_dir):
+    model = str(default_model_dir)
+    _assert_same(_through_server(model, 3), _reference(model))
