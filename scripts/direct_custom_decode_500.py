@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
 """Standalone decode, no IPC: the engine in-process generates N tokens (500 by default) with
-background graph capture started right after kv_init, and reports stalls and fallbacks.
+background graph capture started right after kv_init (or, with --capture-before-kv-init, before
+it, as graphclient does), and reports stalls and fallbacks.
+
+A stall is a decode step that waited for a graph not ready yet; a fallback, one that ran eagerly
+instead. The first graphs are captured before the first decode step (during the prefill when
+capture is already running, else in bg_capture_start); that wait is reported apart, as
+first_wait_ms.
 
 Writes output/direct_custom_decode_500.{json,log} and _tokens.txt / _text.txt.
 """
@@ -23,6 +29,9 @@ def main(argv=None) -> int:
                    help="capture window ahead of the length")
     p.add_argument("--behind", type=argtypes.nonneg_int, default=protocol.DEFAULT_CAPTURE_BEHIND,
                    help="graphs kept behind the length")
+    p.add_argument("--capture-before-kv-init", action="store_true",
+                   help="start background capture before kv_init (its first graphs are then "
+                        "captured during the prefill)")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the model's EOS tokens")
     p.add_argument("--torch-profile", default=None, help="write a torch-profiler Chrome trace here")
     args = p.parse_args(argv)
@@ -39,10 +48,14 @@ def main(argv=None) -> int:
             ids = encode_chat(tok, args.prompt)
         else:
             ids = list(range(1, 17))          # random models have no tokenizer
+        graphs = hello["capabilities"]["graphs"]
         t0 = time.perf_counter()
-        eng.kv_init("direct", ids)
-        if hello["capabilities"]["graphs"]:
+        if graphs and args.capture_before_kv_init:
             eng.bg_capture_start(ahead=args.ahead, behind=args.behind)
+        eng.kv_init("direct", ids)
+        if graphs and not args.capture_before_kv_init:
+            eng.bg_capture_start(ahead=args.ahead, behind=args.behind)
+        t_first = time.perf_counter()
         stops = hello["eos_token_ids"] if args.stop_at_eos else []
         res = eng.replay_seq("direct", args.steps, sampling={"greedy": True},
                              stop_token_ids=stops)
@@ -55,6 +68,10 @@ def main(argv=None) -> int:
                   "dtype": hello["dtype"], "ms_per_token": res["timing"]["ms_per_token"],
                   "wall_s": round(wall, 3), "stalls": res["stalls"],
                   "fallbacks": res["fallbacks"], "eager_steps": res["eager_steps"],
+                  "capture_start": "before kv_init" if args.capture_before_kv_init
+                  else "after kv_init",
+                  "setup_ms": round((t_first - t0) * 1e3, 3),
+                  "first_wait_ms": (status["graphs"] or {}).get("first_wait_ms", 0.0),
                   "graph_stats": status["graphs"], "timing": res["timing"]}
         log(f"generated {len(res['tokens'])} tokens, {res['timing']['ms_per_token']} ms/token, "
             f"stalls {res['stalls']}, fallbacks {res['fallbacks']}, eager steps "
@@ -62,7 +79,11 @@ def main(argv=None) -> int:
         if status["graphs"]:
             g = status["graphs"]
             log(f"graphs: captured {g['captured']}, capture p50 {g['capture_ms_p50']} ms, p99 "
-                f"{g['capture_ms_p99']} ms, capture rate {g['capture_rate_per_s']}/s")
+                f"{g['capture_ms_p99']} ms, capture rate {g['capture_rate_per_s']}/s, stall "
+                f"{g['stall_ms']} ms at keys {g['stall_keys']}, first graphs waited for "
+                f"{g['first_wait_ms']} ms "
+                f"(capture started {record['capture_start']}; kv_init + capture start "
+                f"{record['setup_ms']} ms)")
         log(f"text: {text[:400]!r}")
         path = write_run_outputs("direct_custom_decode_500", record, log.lines)
         print(f"wrote {path}")

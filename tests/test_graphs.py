@@ -317,6 +317,7 @@ def test_acquire_stall_times_out_with_none(make):
     assert 0.12 <= waited < 2.0
     s = mgr.snapshot()
     assert s["stalls"] == 1 and s["replays"] == 0 and s["stall_ms"] >= 120.0
+    assert s["stall_keys"] == [10]                # where it stalled, for the GPU runs' reports
 
 
 def test_acquire_with_zero_wait_or_not_running_returns_none(make):
@@ -459,3 +460,256 @@ def test_capture_now_and_clear(make):
     mgr.clear()
     assert not mgr.has(7) and not mgr.has(9)
     assert cap.released_keys() == [7, 9]
+
+
+# ============================================================================ stalls (issue 13)
+
+class SharingCapturer(FakeCapturer):
+    """FakeCapturer with cuda.py's sharing: keys of one signature ((key - 1) // width, as the
+    attention split count changes every 32 tokens) share one refcounted executable; executables
+    no key uses stay idle, the keep_idle most recent, and older ones are destroyed."""
+
+    def __init__(self, width: int, keep_idle: int, **kw):
+        super().__init__(**kw)
+        self.width, self.keep_idle = width, keep_idle
+        self.by_sig: dict[int, list] = {}        # signature -> [executable serial, refcount]
+        self.idle: list[int] = []
+        self.new_captures: list[int] = []        # keys that needed a real capture
+        self.destroyed: list[int] = []           # signatures whose executable was destroyed
+
+    def sig(self, key: int) -> int:
+        return (key - 1) // self.width
+
+    def try_share(self, key: int):
+        with self._lock:
+            entry = self.by_sig.get(self.sig(key))
+            if entry is None:
+                return None
+            entry[1] += 1
+            if self.sig(key) in self.idle:
+                self.idle.remove(self.sig(key))
+            h = Handle(key, entry[0])
+            h.shared = True
+            return h
+
+    def capture(self, key: int) -> Handle:
+        shared = self.try_share(key)
+        if shared is not None:
+            return shared
+        h = super().capture(key)
+        with self._lock:
+            self.by_sig[self.sig(key)] = [h.serial, 1]
+            self.new_captures.append(key)
+        h.shared = False
+        return h
+
+    def release(self, handle: Handle) -> None:
+        super().release(handle)
+        with self._lock:
+            entry = self.by_sig[self.sig(handle.key)]
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.idle.append(self.sig(handle.key))
+                if len(self.idle) > self.keep_idle:
+                    oldest = self.idle.pop(0)
+                    del self.by_sig[oldest]
+                    self.destroyed.append(oldest)
+
+
+def test_a_session_restarted_short_reuses_the_idle_executables(make):
+    """The precaptured-rerun stalls: one session ran far (its early executables went idle), a new
+    one starts short. Releasing the old window's graphs before the new window shared its keys
+    pushed the very executables it needed out of the idle list, so they were captured again
+    (on the GPU: stalls in bench_decode's 'short' run, which counted as precaptured)."""
+    mgr, _ = make(max_len=200, ahead=24, behind=2)
+    cap = SharingCapturer(width=8, keep_idle=7)
+    mgr.capturer = cap
+    mgr.note_length("a", 10)
+    mgr.start()
+    for length in range(10, 61):
+        mgr.note_length("a", length)
+        assert mgr.wait_ready(list(range(length - 2, length + 25)), timeout_s=POLL_S)
+    assert wait_until(lambda: resident(mgr) == set(range(58, 85)))
+    assert sorted(cap.idle) == list(range(7)) and cap.destroyed == []
+    n_new = len(cap.new_captures)
+    mgr.forget("a")
+    mgr.note_length("b", 10)                       # window 8..34: signatures 0..4, all idle
+    assert mgr.wait_ready(list(range(8, 35)), timeout_s=POLL_S)
+    assert wait_until(lambda: resident(mgr) == set(range(8, 35)))
+    assert cap.new_captures[n_new:] == []          # every key shared: nothing to capture
+    assert not set(cap.destroyed) & {0, 1, 2, 3, 4}
+    s = mgr.snapshot()
+    assert s["new_captures"] == n_new and s["stalls"] == 0
+
+
+def test_sessions_windows_are_merged_nearest_key_first(make):
+    """A session announced next to a shorter one gets its first keys before the other's far
+    edge (sorted by length, it waited behind the whole window of every shorter session)."""
+    mgr, cap = make(max_len=100, ahead=3, behind=1, gated=True)
+    mgr.note_length("a", 10)
+    mgr.note_length("b", 50)
+    mgr.start()
+    cap.gate.set()
+    assert mgr.wait_ready([9, 10, 11, 12, 13, 49, 50, 51, 52, 53], timeout_s=POLL_S)
+    assert cap.captured_keys() == [10, 50, 11, 51, 12, 52, 13, 53, 9, 49]
+
+
+def test_prepare_reaches_past_ahead_and_its_wait_is_not_a_stall(make):
+    mgr, cap = make(max_len=100, ahead=3, behind=2, delay=0.03)
+    mgr.start()
+    lengths = mgr.prepare("a", 10, lead=8)
+    assert lengths == list(range(10, 19))
+    assert mgr.window_keys(10, reach=18) == list(range(10, 19)) + [9, 8]
+    t0 = time.monotonic()
+    assert mgr.wait_first(lengths, timeout_s=POLL_S) is True
+    assert time.monotonic() - t0 >= 0.25             # 9 captures of 30 ms: it did wait
+    assert cap.captured_keys()[:9] == list(range(10, 19))   # the first lengths, nearest first
+    for length in range(10, 18):                     # the session runs: nothing missing, and
+        assert mgr.acquire(mgr.key_for(length), wait_s=POLL_S) is not None
+        mgr.unpin(length)
+        mgr.note_length("a", length + 1)             # its reach keeps them (ahead is only 3)
+    assert 18 not in cap.released_keys()
+    s = mgr.snapshot()
+    assert s["stalls"] == 0 and s["replays"] == 8 and s["stall_keys"] == []
+    assert s["first_waits"] == 1 and s["first_wait_ms"] >= 250.0
+    assert mgr.wait_first(lengths[-2:], timeout_s=POLL_S) is True     # ready: not counted
+    assert mgr.snapshot()["first_waits"] == 1
+    mgr.note_length("a", 30)                         # past its reach: the plain window again
+    assert wait_until(lambda: resident(mgr) == set(range(28, 34)))
+    mgr.forget("a")
+
+    b, bcap = make(max_len=64, bucket=16, ahead=2, behind=1)
+    assert b.prepare("s", 20, lead=40) == list(range(20, 61))
+    assert b.wait_first(list(range(20, 61)), timeout_s=0.5) is False  # not running: no wait
+    assert b.snapshot()["first_waits"] == 0
+    b.start()
+    assert b.wait_first(list(range(20, 61)), timeout_s=POLL_S) is True
+    assert bcap.captured_keys() == [32, 48, 64]              # behind: 19 -> 32 too
+
+
+# ------------------------------------------------------------ the session RPCs on the CPU engine
+
+class EagerGraph:
+    """Stands in for a CUDA graph of decode_step(attn_max_len=key): replay runs the step."""
+
+    def __init__(self, runner, key: int):
+        self.runner, self.key, self.shared = runner, key, False
+
+    def replay(self) -> None:
+        self.runner.decode_step(attn_max_len=self.key)
+
+
+class EagerCapturer:
+    """A capturer whose 'graphs' run the real step eagerly (so tokens are real), with a capture
+    time per key, on the CPU engine."""
+
+    def __init__(self, runner, delay: float):
+        self.runner, self.delay = runner, delay
+        self.captures: list[int] = []
+
+    def capture(self, key: int) -> EagerGraph:
+        time.sleep(self.delay)
+        self.captures.append(key)
+        return EagerGraph(self.runner, key)
+
+    def release(self, handle) -> None:
+        pass
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def cpu_engine():
+    from graphserver.engine import Engine
+    eng = Engine(model="random:tiny", device="cpu", max_len=128, kv_blocks=16, block_size=16,
+                 log=lambda m: None)
+    yield eng
+    eng.close()
+
+
+def _with_graphs(eng, delay: float) -> GraphManager:
+    old = eng.sessions_api.graphs
+    if old is not None:
+        old.stop()
+    mgr = GraphManager(EagerCapturer(eng.runner, delay), eng.core.max_len)
+    eng.sessions_api.graphs = mgr
+    return mgr
+
+
+PROMPT = [5, 17, 3, 29, 11, 7, 23, 2, 19, 13, 31]      # 11 tokens: odd, not a block multiple
+
+
+def _reference_tokens(eng, steps: int) -> list[int]:
+    old, eng.sessions_api.graphs = eng.sessions_api.graphs, None
+    try:
+        eng.kv_init("ref", PROMPT)
+        toks = eng.replay_seq("ref", steps, sampling={"greedy": True})["tokens"]
+        eng.kv_free("ref")
+    finally:
+        eng.sessions_api.graphs = old
+    return toks
+
+
+@pytest.mark.parametrize("order", ["capture, then kv_init", "kv_init, then capture"])
+def test_a_run_started_right_after_kv_init_does_not_stall(cpu_engine, order):
+    eng = cpu_engine
+    steps = eng.sessions_api.first_lead            # every step within the first lengths
+    want = _reference_tokens(eng, steps)
+    mgr = _with_graphs(eng, delay=0.02)
+    try:
+        if order == "capture, then kv_init":
+            eng.bg_capture_start(ahead=4, behind=2)
+            eng.kv_init("r", PROMPT)                # waits for them with the prefill enqueued
+        else:
+            eng.kv_init("r", PROMPT)                # capture off: nothing waited
+            assert mgr.snapshot()["first_waits"] == 0
+            eng.bg_capture_start(ahead=4, behind=2)  # captures the live session's first graphs
+        snap = mgr.snapshot()
+        assert snap["first_waits"] == 1 and snap["first_wait_ms"] > 0
+        n = len(PROMPT)
+        assert all(mgr.has(t) for t in range(n + 1, n + 1 + steps))
+        res = eng.replay_seq("r", steps, sampling={"greedy": True})
+        eng.kv_free("r")
+        assert res["tokens"] == want
+        assert res["stalls"] == 0 and res["fallbacks"] == 0 and res["eager_steps"] == 0
+        snap = mgr.snapshot()
+        assert snap["stalls"] == 0 and snap["replays"] == steps - 1
+    finally:
+        mgr.stop()
+        eng.sessions_api.graphs = None
+
+
+def test_kv_init_does_not_wait_while_capture_is_off(cpu_engine):
+    eng = cpu_engine
+    mgr = _with_graphs(eng, delay=0.5)
+    try:
+        t0 = time.monotonic()
+        eng.kv_init("off", PROMPT)
+        assert time.monotonic() - t0 < 0.5                # no capture happened, none waited
+        res = eng.replay_seq("off", 4, sampling={"greedy": True})
+        eng.kv_free("off")
+        assert res["stalls"] == 0 and res["fallbacks"] == 3 and mgr.snapshot()["first_waits"] == 0
+        assert mgr.capturer.captures == []
+    finally:
+        mgr.stop()
+        eng.sessions_api.graphs = None
+
+
+def test_wait_precapture_past_the_window_captures_instead_of_timing_out(cpu_engine):
+    eng = cpu_engine
+    mgr = _with_graphs(eng, delay=0.0)
+    try:
+        eng.kv_init("pre", PROMPT)
+        eng.bg_capture_start(ahead=4, behind=2)
+        t0 = time.monotonic()
+        out = eng.wait_precapture(min_ahead=60, timeout_s=20.0)
+        assert out["ready"] is True and time.monotonic() - t0 < 10.0
+        n = len(PROMPT)
+        assert all(mgr.has(t) for t in range(n + 1, n + 62))
+        res = eng.replay_seq("pre", 61, sampling={"greedy": True})
+        eng.kv_free("pre")
+        assert res["stalls"] == 0 and res["fallbacks"] == 0
+    finally:
+        mgr.stop()
+        eng.sessions_api.graphs = None

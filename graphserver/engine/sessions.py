@@ -25,6 +25,7 @@ from .core import EngineCore
 from .validate import check_deadline, check_ids, check_name, check_token, parse_sampling
 
 CHECK_EVERY = 16      # replay_seq reads tokens back for stop checks every this many steps
+EVENT_EVERY = 8       # replay_seq records a GPU progress event every this many steps
 MAX_TOP_K_REPLY = 4096
 
 
@@ -60,6 +61,14 @@ class Sessions:
         self.session_ttl_s = cfg.session_ttl_s
         self.wait_s = cfg.wait_s
         self.max_inflight = cfg.max_inflight
+        # The lengths a session's first replay reaches before the GPU has run any of its steps:
+        # _bound_inflight lets steps 0 .. max_inflight + EVENT_EVERY - 1 be enqueued with no
+        # wait on a decode step (the first event it waits on is recorded before step 0). No
+        # capture finishes in no time, so those graphs must be ready beforehand: kv_init has them
+        # captured during the prefill (see _wait_first). From there the GPU paces the host (step
+        # i waits for steps below i - max_inflight, rounded down to EVENT_EVERY), which leaves
+        # the capture thread at least EVENT_EVERY steps of GPU time for the next split count.
+        self.first_lead = self.max_inflight + EVENT_EVERY
         self.sessions: dict[str, Session] = {}
         self.reclaimed = 0
         self.graphs: Optional[GraphManager] = None
@@ -169,13 +178,17 @@ class Sessions:
         if session in self.sessions:
             self._free(session)
         table = self._ensure_blocks(session, len(ids))
+        first = None
         if self.graphs:
-            # Announce the length before prefill: the capture thread can work during it.
-            self.graphs.note_length(session, len(ids) + 1)
+            # Announce the session before prefill, with the lengths its first replay reaches at
+            # once: the capture thread captures them while the prefill is enqueued and runs.
+            first = self.graphs.prepare(session, len(ids) + 1, self.first_lead)
         runner = self.runner
         try:
             with self.core.tracer.range(f"prefill {len(ids)}", "prefill"), self.core.on_stream():
                 runner.prefill(ids, table, deadline=deadline)
+                if first is not None:
+                    self._wait_first(first, deadline)
                 logits = runner.io.logits.clone()          # [1, V]
                 reply = self._logits_reply(logits, top_k)
         except BaseException:
@@ -185,10 +198,21 @@ class Sessions:
             raise
         s = self.sessions[session] = Session(length=len(ids), logits=logits)
         self._touch(s)
-        if self.graphs:
-            self.graphs.note_length(session, len(ids) + 1)
         reply["length"] = len(ids)
         return reply
+
+    def _wait_first(self, lengths: list[int], deadline: Optional[float]) -> None:
+        """Wait (bounded by wait_s and the deadline) for a session's first graphs.
+
+        Called with the prefill enqueued, so the wait overlaps it on the device; what remains
+        after it is time the first replay would otherwise have stalled for, since it reaches
+        these lengths before the GPU paces it. Not a stall: no decode step waits; the time is
+        reported as the graphs' first_wait_ms. No wait while background capture is off.
+        """
+        timeout = self.wait_s
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+        self.graphs.wait_first(lengths, timeout)
 
     def step(self, session: str, token) -> dict:
         """One eager step on a client-chosen token; returns its logits (client-side sampling)."""
@@ -323,7 +347,7 @@ class Sessions:
         capture thread has not got to yet (a stall on the host while the GPU still has plenty
         queued). Bounded, the capture window stays ahead of where the host is.
         """
-        if i % 8 == 0:
+        if i % EVENT_EVERY == 0:
             ev = torch.cuda.Event()
             ev.record()
             inflight.append((i, ev))
@@ -412,6 +436,14 @@ class Sessions:
                 raise BadRequest(f"{name} must be an int in [0, 4096], got {v!r}")
         mgr = self._need_graphs()
         mgr.start(ahead=ahead, behind=behind)
+        # Sessions prefilled before capture started (kv_init, then bg_capture_start): their first
+        # graphs are captured now, before their next replay reaches them all at once.
+        lengths: list[int] = []
+        for name, s in self.sessions.items():
+            if s.pending is None:          # not decoded by replay yet: the first replay is next
+                lengths += mgr.prepare(name, s.length + 1, self.first_lead)
+        if lengths:
+            self._wait_first(lengths, None)
         return mgr.snapshot()
 
     def wait_precapture(self, min_ahead: int = 1, timeout_s: float = 30.0) -> dict:
@@ -422,10 +454,11 @@ class Sessions:
             raise BadRequest(f"min_ahead must be an int >= 0, got {min_ahead!r}")
         if not 0 <= timeout_s <= 3600:
             raise BadRequest(f"timeout_s must be in [0, 3600], got {timeout_s}")
+        # prepare() stretches each window to T + min_ahead: with min_ahead > ahead the lengths
+        # past the window were never captured, and the wait sat out its whole timeout.
         lengths = []
-        for s in self.sessions.values():
-            t = s.length + 1
-            lengths += list(range(t, min(self.core.max_len, t + min_ahead) + 1))
+        for name, s in self.sessions.items():
+            lengths += mgr.prepare(name, s.length + 1, min_ahead)
         t0 = time.perf_counter()
         ready = mgr.wait_ready(lengths, float(timeout_s))
         out = mgr.snapshot()
