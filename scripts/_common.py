@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +110,38 @@ class Logger:
     def __call__(self, msg: str) -> None:
         print(msg, flush=True)
         self.lines.append(str(msg))
+
+
+def git_commit() -> str:
+    """HEAD of the checkout (short, "-dirty" when tracked files changed); GRAPHSERVER_COMMIT where
+    the tree was copied without git (the GPU machine)."""
+    if os.environ.get("GRAPHSERVER_COMMIT"):
+        return os.environ["GRAPHSERVER_COMMIT"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               text=True, capture_output=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def copy_bandwidth_gbs(torch, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy, counting bytes read plus bytes written (GB/s)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    del src, dst
+    return 2 * nbytes / (times[len(times) // 2] * 1e-3) / 1e9

@@ -26,8 +26,7 @@ import sys
 import time
 
 import _common
-from _common import ROOT
-from bench_decode import copy_bandwidth_gbs, git_commit
+from _common import ROOT, copy_bandwidth_gbs, git_commit
 
 PEAK_BF16_FLOPS = 790e12       # H200 dense bf16 (DESIGN §9.5)
 

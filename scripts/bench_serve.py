@@ -18,7 +18,6 @@ import asyncio
 import datetime as dt
 import json
 import re
-import subprocess
 import sys
 import time
 import uuid
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import ROOT, output_dir, parser
+from _common import copy_bandwidth_gbs, git_commit, output_dir, parser
 
 import httpx
 import numpy as np
@@ -178,15 +177,18 @@ async def engine_hello(endpoint: str) -> dict:
 # Records
 
 
-def git_commit() -> str:
+def measure_copy_bandwidth() -> float | None:
+    """The device-to-device copy GB/s of this run (None without a GPU here), measured before the
+    engine starts so the two never share the GPU."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, capture_output=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, text=True,
-                               capture_output=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    gbs = round(copy_bandwidth_gbs(torch), 1)
+    torch.cuda.empty_cache()
+    return gbs
 
 
 def plot(record: dict, path: Path) -> bool:
@@ -219,6 +221,7 @@ def plot(record: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args, engine_args = parse(sys.argv[1:] if argv is None else list(argv))
+    copy_gbs = measure_copy_bandwidth()
     started: list[Any] = []  # things to stop, newest first
     try:
         endpoint = args.engine_endpoint
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     device = str(hello.get("device_name") or hello.get("device") or "unknown")
     now = dt.datetime.now(dt.timezone.utc)
     record = {"kind": "serve", "device": device, "backend": hello.get("backend"), "date": now.isoformat(timespec="seconds"),
-              "commit": git_commit(), "model": hello.get("model"), "dtype": hello.get("dtype"),
+              "commit": git_commit(), "copy_bandwidth_gbs": copy_gbs, "model": hello.get("model"), "dtype": hello.get("dtype"),
               "max_num_seqs": hello.get("max_num_seqs"), "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
               "requests_per_client": args.requests, "smoke": args.smoke, "engine_args": engine_args, "levels": levels}
     out = args.out_dir or (output_dir() / "bench")

@@ -27,6 +27,7 @@ phases:
   model    what needs the staged default model: the engine suite, both default-model parity
            scripts, run_custom_50
   batchbench  scripts/bench_batch.py $BATCH_ARGS (default: 1B and 7B, B = 1..256)
+  serve    scripts/bench_serve.py on the default model and on random:llama-3.2-1b (HTTP vs engine)
 
 environment: GRAPHSERVER_GGUF (the staged default-model GGUF), MAX_JOBS (default 16), LOGS, OUT,
 BENCH_ARGS, KERNEL_K
@@ -38,7 +39,7 @@ case "${1:-}" in
 esac
 for what in "$@"; do
   case $what in
-    build|test|retest|bench|kernels|batch|model|batchbench) ;;
+    build|test|retest|bench|kernels|batch|model|batchbench|serve) ;;
     *) echo "gpu_suite: unknown phase '$what' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -105,6 +106,12 @@ for what in "$@"; do
     batchbench)
       phase bench_batch 420 python3 scripts/bench_batch.py ${BATCH_ARGS:-}
       cp output/bench/batch_*.json "$LOGS/" 2>/dev/null; cp output/bench/batch_*.json "$OUT/" 2>/dev/null
+      ;;
+    serve)
+      phase bench_serve_default 300 python3 scripts/bench_serve.py
+      phase bench_serve_1b 300 python3 scripts/bench_serve.py --model random:llama-3.2-1b
+      cp output/bench/serve_*.json output/bench/serve_*.png "$LOGS/" 2>/dev/null
+      cp output/bench/serve_*.json output/bench/serve_*.png "$OUT/" 2>/dev/null
       ;;
     bench)
       phase bench_kernels 400 python3 scripts/bench_kernels.py

@@ -61,7 +61,7 @@ def test_replay_logits_equal_eager_logits(eng):
     ids = _prompt(33, eng.cfg.vocab_size, salt=3)
     r, io = eng.runner, eng.runner.io
     table = eng.alloc.ensure("l", len(ids) + 1)
-    with torch.cuda.stream(eng.replay_stream):
+    with torch.cuda.stream(eng.core.replay_stream):
         r.prefill(ids, table)
         r.load_session(table, len(ids), 17)
         r.set_sampling(0.0, 0, 1.0, 0)
@@ -70,7 +70,7 @@ def test_replay_logits_equal_eager_logits(eng):
         key = eng.graphs.key_for(len(ids) + 1)
     eng.graphs.capture_now(key)
     graph = eng.graphs.acquire(key, 0)
-    with torch.cuda.stream(eng.replay_stream):
+    with torch.cuda.stream(eng.core.replay_stream):
         io.logits.fill_(float("nan"))
         r.load_session(table, len(ids), 17)
         graph.replay()
@@ -93,7 +93,7 @@ def test_shared_executable_serves_the_next_length_exactly(eng):
     snap = eng.graphs.snapshot()
     assert snap["shared"] >= 1
     table = eng.alloc.ensure("sh", t2)
-    with torch.cuda.stream(eng.replay_stream):
+    with torch.cuda.stream(eng.core.replay_stream):
         r.prefill(ids + [9], table)            # cache holds t1 tokens; the step runs at t2
         r.load_session(table, t1, 23)
         r.set_sampling(0.0, 0, 1.0, 0)
@@ -102,7 +102,7 @@ def test_shared_executable_serves_the_next_length_exactly(eng):
         r.load_session(table, t1, 23)
         io.logits.fill_(float("nan"))
     g = eng.graphs.acquire(t2, 0)
-    with torch.cuda.stream(eng.replay_stream):
+    with torch.cuda.stream(eng.core.replay_stream):
         g.replay()
     eng.graphs.unpin(t2)
     torch.cuda.synchronize()
@@ -167,7 +167,7 @@ def test_no_allocations_across_100_steps(eng):
     ids = _prompt(10, eng.cfg.vocab_size, salt=11)
     r = eng.runner
     table = eng.alloc.ensure("m", len(ids) + 120)
-    with torch.cuda.stream(eng.replay_stream):
+    with torch.cuda.stream(eng.core.replay_stream):
         r.prefill(ids, table)
         r.load_session(table, len(ids), 3)
         r.set_sampling(0.0, 0, 1.0, 0)
@@ -175,7 +175,7 @@ def test_no_allocations_across_100_steps(eng):
     torch.cuda.synchronize()
     keys = ("allocation.all.allocated", "segment.all.allocated", "allocated_bytes.all.allocated")
     before = {k: torch.cuda.memory_stats()[k] for k in keys}
-    with torch.cuda.stream(eng.replay_stream):
+    with torch.cuda.stream(eng.core.replay_stream):
         for i in range(100):
             r.decode_step(attn_max_len=len(ids) + 2 + i)
     torch.cuda.synchronize()
@@ -186,7 +186,7 @@ def test_no_allocations_across_100_steps(eng):
     g = eng.graphs.acquire(key, 0)
     torch.cuda.synchronize()
     before = {k: torch.cuda.memory_stats()[k] for k in keys}
-    with torch.cuda.stream(eng.replay_stream):
+    with torch.cuda.stream(eng.core.replay_stream):
         for _ in range(10):
             g.replay()
     torch.cuda.synchronize()
