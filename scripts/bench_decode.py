@@ -16,46 +16,14 @@ import datetime as dt
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
 import _common
-from _common import ROOT
+from _common import ROOT, copy_bandwidth_gbs, git_commit
 from graphserver import argtypes
 
 PEER_SHORT = (8, 136)        # HF: ms/token = (t(136 new) - t(8 new)) / 128, excludes prefill
-
-
-def git_commit() -> str:
-    """HEAD of the checkout; GRAPHSERVER_COMMIT where the tree was copied without git."""
-    if os.environ.get("GRAPHSERVER_COMMIT"):
-        return os.environ["GRAPHSERVER_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def copy_bandwidth_gbs(torch, nbytes: int = 1 << 30, reps: int = 20) -> float:
-    """Device-to-device copy, counting bytes read plus bytes written (GB/s)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    del src, dst
-    return 2 * nbytes / (times[len(times) // 2] * 1e-3) / 1e9
 
 
 def kv_bytes_read(cfg, length: int, elem: int) -> int:
@@ -104,6 +72,7 @@ def bench_ours(torch, spec, dtype, args, bw_gbs, log) -> dict:
                     "fallbacks": res["fallbacks"], "precaptured": lengths_ok}
 
         # Short context: graphs pre-captured for every length, so this is pure replay speed.
+        # Its "stalls" are those of the second (timed) run, over graphs the first one captured.
         out["short"] = timed_run("short", 16, args.steps, args.steps + 2)
         log(f"  ours short: {out['short']}")
         eng.graphs.stop()
@@ -145,7 +114,10 @@ def bench_ours(torch, spec, dtype, args, bw_gbs, log) -> dict:
                 "replay_tokens_per_s": round(1e3 / max(res["timing"]["ms_per_token"], 1e-9), 1),
                 "capture_ms_p50": snap["capture_ms_p50"], "capture_ms_p99": snap["capture_ms_p99"],
                 "capture_rate_per_s": snap["capture_rate_per_s"], "captured": snap["captured"],
-                "stall_ms": snap["stall_ms"]}
+                "stall_ms": snap["stall_ms"], "stall_keys": snap.get("stall_keys"),
+                # The wait for the session's first graphs, inside kv_init / bg_capture_start:
+                # time that would otherwise have been stalls on the first steps.
+                "first_wait_ms": snap.get("first_wait_ms")}
             log(f"  ours concurrent {mode}: {out['concurrent'][mode]}")
     finally:
         eng.close()
