@@ -27,6 +27,9 @@ phases:
   model    what needs the staged default model: the engine suite, both default-model parity
            scripts, run_custom_50
   batchbench  scripts/bench_batch.py $BATCH_ARGS (default: 1B and 7B, B = 1..256)
+  changed  the kernel tests of what changes most: the sampler's own file (tests/test_sampling_cuda.py)
+           and a -k subset of tests/test_kernels_cuda.py (attention, sampling, PDL, GEMV, norms)
+  direct   scripts/direct_custom_decode_500.py, capture started after and before kv_init
   serve    scripts/bench_serve.py on the default model and on random:llama-3.2-1b (HTTP vs engine)
 
 environment: GRAPHSERVER_GGUF (the staged default-model GGUF), MAX_JOBS (default 16), LOGS, OUT,
@@ -39,7 +42,7 @@ case "${1:-}" in
 esac
 for what in "$@"; do
   case $what in
-    build|test|retest|bench|kernels|batch|model|batchbench|serve) ;;
+    build|test|retest|bench|kernels|batch|model|batchbench|serve|changed|direct) ;;
     *) echo "gpu_suite: unknown phase '$what' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -106,6 +109,16 @@ for what in "$@"; do
     batchbench)
       phase bench_batch 420 python3 scripts/bench_batch.py ${BATCH_ARGS:-}
       cp output/bench/batch_*.json "$LOGS/" 2>/dev/null; cp output/bench/batch_*.json "$OUT/" 2>/dev/null
+      ;;
+    changed)
+      phase pytest_new 200 python3 -m pytest -m cuda -q -n 8 -rf tests/test_sampling_cuda.py
+      phase pytest_changed 300 python3 -m pytest -m cuda -q -n 16 tests/test_kernels_cuda.py -k "attention or sample or pdl or linear or norm or graph"
+      ;;
+    direct)
+      phase direct_500 150 python3 scripts/direct_custom_decode_500.py
+      cp output/direct_custom_decode_500.json "$LOGS/direct_500_after.json" 2>/dev/null
+      phase direct_500_before 150 python3 scripts/direct_custom_decode_500.py --capture-before-kv-init
+      cp output/direct_custom_decode_500.json "$LOGS/direct_500_before.json" 2>/dev/null
       ;;
     serve)
       phase bench_serve_default 300 python3 scripts/bench_serve.py

@@ -259,6 +259,15 @@ void add_rmsnorm(const Tensor& x, Tensor& residual, const Tensor& weight, double
                op);
 }
 
+// Whether the bytes of two tensors overlap (a blocked kernel may not write what others still read).
+bool overlaps(const Tensor& a, const Tensor& b) {
+  const auto* a0 = static_cast<const char*>(a.data_ptr());
+  const auto* a1 = a0 + a.numel() * a.element_size();
+  const auto* b0 = static_cast<const char*>(b.data_ptr());
+  const auto* b1 = b0 + b.numel() * b.element_size();
+  return a.numel() > 0 && b.numel() > 0 && a0 < b1 && b0 < a1;
+}
+
 // The checks linear and swiglu_linear share: out[..., N] = f(x[..., k_mult * K]) @ weight[N, K]^T,
 // all one half dtype on one device. Returns the sizes as launcher ints (T = rows of x).
 struct RowsTimesWeight {
@@ -338,14 +347,8 @@ void swiglu_linear(const Tensor& gate_up, const Tensor& weight, Tensor& out) {
       check_rows_times_weight(gate_up, weight, out, op, "gate_up", "[T, 2I]", 2);
   if (T == 0 || Ni == 0) return;
   const c10::Device device = out.device();
-  {
-    // Blocks write out while others still read gate_up: the two must not overlap.
-    const auto* g0 = static_cast<const char*>(gate_up.data_ptr());
-    const auto* g1 = g0 + gate_up.numel() * gate_up.element_size();
-    const auto* o0 = static_cast<const char*>(out.data_ptr());
-    const auto* o1 = o0 + out.numel() * out.element_size();
-    TORCH_CHECK(o1 <= g0 || g1 <= o0, op, ": out must not overlap gate_up");
-  }
+  // Blocks write out while others still read gate_up: the two must not overlap.
+  TORCH_CHECK(!overlaps(out, gate_up), op, ": out must not overlap gate_up");
   TORCH_CHECK(ck::swiglu_linear_supported(gate_up.data_ptr(), weight.data_ptr(), T, Ii), op,
               ": the fused kernel serves T <= ", ck::kGemvMaxRows,
               " rows, I % 8 == 0 and 16-byte aligned gate_up and weight; got T = ", T, ", I = ", Ii,
@@ -380,13 +383,7 @@ void swiglu_linear_invariant(const Tensor& gate_up, const Tensor& weight, Tensor
   const auto [dt, T, Ni, Ii] =
       check_rows_times_weight(gate_up, weight, out, op, "gate_up", "[T, 2I]", 2);
   if (T == 0 || Ni == 0) return;
-  {
-    const auto* g0 = static_cast<const char*>(gate_up.data_ptr());
-    const auto* g1 = g0 + gate_up.numel() * gate_up.element_size();
-    const auto* o0 = static_cast<const char*>(out.data_ptr());
-    const auto* o1 = o0 + out.numel() * out.element_size();
-    TORCH_CHECK(o1 <= g0 || g1 <= o0, op, ": out must not overlap gate_up");
-  }
+  TORCH_CHECK(!overlaps(out, gate_up), op, ": out must not overlap gate_up");
   TORCH_CHECK(ck::swiglu_linear_invariant_supported(gate_up.data_ptr(), weight.data_ptr(), T, Ii),
               op, ": the fused kernel serves I % 8 == 0 and 16-byte aligned gate_up and weight; "
               "got I = ", Ii,
