@@ -3,8 +3,10 @@ stand-in capturer (no GPU). Every wait in here is bounded: the stand-in's gate w
 GATE_S, polls give up after POLL_S, and teardown opens the gates before stopping the thread."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -628,13 +630,19 @@ def cpu_engine():
     eng.close()
 
 
-def _with_graphs(eng, delay: float) -> GraphManager:
+@contextlib.contextmanager
+def _with_graphs(eng, delay: float) -> Iterator[GraphManager]:
+    """The engine's sessions with a graph manager over EagerCapturer; stopped and detached after."""
     old = eng.sessions_api.graphs
     if old is not None:
         old.stop()
     mgr = GraphManager(EagerCapturer(eng.runner, delay), eng.core.max_len)
     eng.sessions_api.graphs = mgr
-    return mgr
+    try:
+        yield mgr
+    finally:
+        mgr.stop()
+        eng.sessions_api.graphs = None
 
 
 PROMPT = [5, 17, 3, 29, 11, 7, 23, 2, 19, 13, 31]      # 11 tokens: odd, not a block multiple
@@ -656,8 +664,7 @@ def test_a_run_started_right_after_kv_init_does_not_stall(cpu_engine, order):
     eng = cpu_engine
     steps = eng.sessions_api.first_lead            # every step within the first lengths
     want = _reference_tokens(eng, steps)
-    mgr = _with_graphs(eng, delay=0.02)
-    try:
+    with _with_graphs(eng, delay=0.02) as mgr:
         if order == "capture, then kv_init":
             eng.bg_capture_start(ahead=4, behind=2)
             eng.kv_init("r", PROMPT)                # waits for them with the prefill enqueued
@@ -675,15 +682,11 @@ def test_a_run_started_right_after_kv_init_does_not_stall(cpu_engine, order):
         assert res["stalls"] == 0 and res["fallbacks"] == 0 and res["eager_steps"] == 0
         snap = mgr.snapshot()
         assert snap["stalls"] == 0 and snap["replays"] == steps - 1
-    finally:
-        mgr.stop()
-        eng.sessions_api.graphs = None
 
 
 def test_kv_init_does_not_wait_while_capture_is_off(cpu_engine):
     eng = cpu_engine
-    mgr = _with_graphs(eng, delay=0.5)
-    try:
+    with _with_graphs(eng, delay=0.5) as mgr:
         t0 = time.monotonic()
         eng.kv_init("off", PROMPT)
         assert time.monotonic() - t0 < 0.5                # no capture happened, none waited
@@ -691,15 +694,11 @@ def test_kv_init_does_not_wait_while_capture_is_off(cpu_engine):
         eng.kv_free("off")
         assert res["stalls"] == 0 and res["fallbacks"] == 3 and mgr.snapshot()["first_waits"] == 0
         assert mgr.capturer.captures == []
-    finally:
-        mgr.stop()
-        eng.sessions_api.graphs = None
 
 
 def test_wait_precapture_past_the_window_captures_instead_of_timing_out(cpu_engine):
     eng = cpu_engine
-    mgr = _with_graphs(eng, delay=0.0)
-    try:
+    with _with_graphs(eng, delay=0.0) as mgr:
         eng.kv_init("pre", PROMPT)
         eng.bg_capture_start(ahead=4, behind=2)
         t0 = time.monotonic()
@@ -710,6 +709,3 @@ def test_wait_precapture_past_the_window_captures_instead_of_timing_out(cpu_engi
         res = eng.replay_seq("pre", 61, sampling={"greedy": True})
         eng.kv_free("pre")
         assert res["stalls"] == 0 and res["fallbacks"] == 0
-    finally:
-        mgr.stop()
-        eng.sessions_api.graphs = None
