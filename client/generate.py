@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from client.rpc import RPCClient, RPCError
 from client.sampler import Sampler, SamplingParams
 from client.tokenizer import Detokenizer, encode_chat, encode_plain, eos_token_ids
+from graphserver.stops import StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -197,68 +198,52 @@ class _Output:
         self.chunks: list[int] = []  # steps asked of each replay_seq call
         self._detok = Detokenizer(tokenizer) if tokenizer is not None else None
         self._stream = stream
-        self._held = ""  # decoded, not yet streamed
+        self._stop_strings = StopStrings(self.stop_strings)
         self._text = ""  # streamed so far
-        self._cut = False  # a stop string ended the text
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def add(self, tokens: Iterable[int]) -> None:
-        start = len(self.tokens)
+        pending: list[int] = []  # tokens not yet turned into text
         for t in tokens:
             t = int(t)
             self.tokens.append(t)
-            if t in self.stops:
+            if t in self.stops:  # the stop token itself is not text
                 self.finish_reason, self.finish_detail = "stop", f"stop token {t}"
-                self._push(self.tokens[start:-1])  # the stop token itself is not text
-                return
+                break
+            pending.append(t)
             if self.stop_strings:  # matched per token, so tokens end where the match completed
-                self._push([t])
+                self._push(pending)
+                pending = []
                 if self.finished:
                     return
-        if not self.stop_strings:
-            self._push(self.tokens[start:])
+        self._push(pending)
 
     def _push(self, ids: list[int]) -> None:
         if self._detok is not None and ids:
             self._take(self._detok.push(ids))
 
-    def _take(self, piece: str, final: bool = False) -> None:
-        held = self._held + piece
-        for_stream, self._held = held, ""
-        if self.stop_strings:
-            hit = min(((held.find(s), s) for s in self.stop_strings if s in held), default=None)
-            if hit is not None:
-                idx, s = hit
-                self.finish_reason, self.finish_detail = "stop", f"stop string {s!r}"
-                self._cut = True
-                for_stream = held[:idx]
-            elif not final:
-                keep = _partial_stop_len(held, self.stop_strings)
-                for_stream, self._held = held[:len(held) - keep], held[len(held) - keep:]
-        self._text += for_stream
-        if for_stream and self._stream is not None:
-            self._stream(for_stream)
+    def _take(self, piece: str) -> None:
+        for_stream = self._stop_strings.push(piece)
+        if self._stop_strings.matched is not None and not self.finished:
+            self.finish_reason, self.finish_detail = "stop", f"stop string {self._stop_strings.matched!r}"
+        self._emit(for_stream)
+
+    def _emit(self, piece: str) -> None:
+        self._text += piece
+        if piece and self._stream is not None:
+            self._stream(piece)
 
     def finish(self) -> None:
         """End of generation: stream what was held back and any incomplete character at the end,
         unless a stop string cut the text (what followed it is dropped)."""
-        if self._detok is not None and not self._cut:
-            self._take(self._detok.flush(), final=True)
+        if self._detok is not None and self._stop_strings.matched is None:
+            self._take(self._detok.flush())
+            self._emit(self._stop_strings.flush())
 
     @property
     def text(self) -> str | None:
         return self._text if self._detok is not None else None
 
-
-def _partial_stop_len(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of a stop string."""
-    best = 0
-    for s in stop_strings:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

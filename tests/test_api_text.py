@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from graphserver.api.text import Detokenizer, StopStrings, TemplateError, TextTokenizer
+from graphserver.api.text import Detokenizer, TemplateError, TextTokenizer
+from graphserver.stops import StopStrings
 
 from rpc_helpers import REPO_ROOT
 
@@ -93,8 +94,13 @@ def test_detokenizer_holds_back_an_incomplete_character_until_flush(tok):
 
 
 def _reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [text.find(s) for s in stops if s in text]
-    return (text[:min(hits)], True) if hits else (text, False)
+    """Grow the text a character at a time and stop at the first prefix that ends with a stop
+    string (the longest, if several end there), as a model that stops on a match would."""
+    for end in range(1, len(text) + 1):
+        ending = [len(s) for s in stops if text[:end].endswith(s)]
+        if ending:
+            return text[:end - max(ending)], True
+    return text, False
 
 
 def test_stop_strings_against_a_reference():
@@ -114,6 +120,17 @@ def test_stop_strings_against_a_reference():
         want, matched = _reference_cut(text, stops)
         assert "".join(out) == want, (seed, text, stops, out)
         assert (s.matched is not None) == matched, (seed, text, stops)
+
+
+def test_stop_strings_the_earliest_end_wins():
+    # "béb" starts before "é" but would end after it: generation stops at "é", however the text
+    # is split (CI found the split "bbacbéb" | "abb" cutting at "béb" instead).
+    for pieces in (["bbacbéb", "abb"], ["b", "bacbé", "babb"], list("bbacbébabb")):
+        s = StopStrings([" bb", "é", "béb"])
+        out = "".join(s.push(p) for p in pieces) + s.flush()
+        assert out == "bbacb" and s.matched == "é", pieces
+    s = StopStrings(["cd", "bcd"])  # both end at the same place: the longer one starts earlier
+    assert s.push("abcde") == "a" and s.matched == "bcd"
 
 
 def test_stop_strings_hold_back_only_possible_prefixes():

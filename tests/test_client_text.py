@@ -147,13 +147,19 @@ def test_generate_greedy(served, tok, use_graphs):
 
 
 @pytest.mark.parametrize("use_graphs", [True, False])
-def test_generate_stops_at_a_stop_token(served, tok, use_graphs):
+@pytest.mark.parametrize("stop_strings", [(), ("never-there",)])
+def test_generate_stops_at_a_stop_token(served, tok, use_graphs, stop_strings):
+    # With stop strings the text goes token by token; a stop token later in the same chunk must
+    # not turn the chunk's earlier tokens into text a second time.
     engine, c = served
     full = _expected(encode_chat(tok, "hi"), 40, len(tok))
     stop = full[6]
     assert stop not in full[:6]
-    r = generate(c, tok, "hi", 40, {}, use_graphs=use_graphs, chunk=4, stop_token_ids=[stop])
-    assert r["tokens"] == full[:7] and r["stopped"]
+    pieces = []
+    r = generate(c, tok, "hi", 40, {}, use_graphs=use_graphs, stream=pieces.append, chunk=4,
+                 stop_token_ids=[stop], stop_strings=list(stop_strings))
+    assert r["tokens"] == full[:7] and r["stopped"] and r["finish_detail"] == f"stop token {stop}"
+    assert r["text"] == tok.decode(full[:6], skip_special_tokens=True) == "".join(pieces)
     assert engine.sessions == {}
 
 

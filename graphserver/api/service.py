@@ -17,7 +17,8 @@ from client.rpc import RPCError, ServerProcess
 from graphserver import protocol
 from graphserver.api.metrics import Metrics
 from graphserver.api.params import GenParams, ModelLimits
-from graphserver.api.text import StopStrings, TextTokenizer
+from graphserver.api.text import TextTokenizer
+from graphserver.stops import StopStrings
 
 log = logging.getLogger(__name__)
 

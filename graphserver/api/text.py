@@ -1,4 +1,4 @@
-"""Text side of the front end: the tokenizer and chat template, incremental detokenizing, stop strings.
+"""Text side of the front end: the tokenizer and chat template, incremental detokenizing.
 
 Built on the `tokenizers` library and jinja2 rather than transformers, because importing
 transformers imports torch and this process must stay torch-free.
@@ -153,48 +153,3 @@ class Detokenizer:
             self._emitted.append(piece)
             self._len += len(piece)
         return piece
-
-
-class StopStrings:
-    """Cuts generated text at the first stop string; the stop string itself is not returned.
-
-    Text that could still turn out to be the start of a stop string is held back until a later
-    piece decides it, so nothing already returned ever has to be taken back."""
-
-    def __init__(self, stops: Iterable[str]):
-        self._stops = [s for s in dict.fromkeys(stops) if s]
-        self._held = ""
-        self.matched: str | None = None
-
-    def push(self, piece: str) -> str:
-        """Add text; return the part that is safe to emit. After a match, `matched` is set and
-        every later push returns ''."""
-        if self.matched is not None:
-            return ""
-        buf = self._held + piece
-        if not self._stops:
-            self._held = ""
-            return buf
-        hits = [(pos, s) for s in self._stops if (pos := buf.find(s)) >= 0]
-        if hits:
-            pos, self.matched = min(hits)
-            self._held = ""
-            return buf[:pos]
-        keep = self._longest_stop_prefix_suffix(buf)
-        self._held = buf[len(buf) - keep:]
-        return buf[:len(buf) - keep]
-
-    def flush(self) -> str:
-        """The end of generation: what was held back is not a stop string after all."""
-        if self.matched is not None:
-            return ""
-        out, self._held = self._held, ""
-        return out
-
-    def _longest_stop_prefix_suffix(self, buf: str) -> int:
-        longest = max(len(s) for s in self._stops) - 1
-        for k in range(min(len(buf), longest), 0, -1):
-            tail = buf[-k:]
-            if any(s.startswith(tail) for s in self._stops):
-                return k
-        return 0
