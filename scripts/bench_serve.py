@@ -10,7 +10,8 @@ By default it starts an engine (`python -m graphserver`, arguments after a lone 
 `graphserver serve` attached to it. --engine-endpoint attaches to a running engine instead (and
 still starts the HTTP server); --url with --engine-endpoint uses both as they are.
 Writes output/bench/serve_<device>_<date>.json, and a .png beside it when matplotlib is installed.
---smoke: a quick CPU run with small counts."""
+--smoke: a quick CPU run with small counts. --plot RECORD.json draws a record's PNG later, on a
+machine that has matplotlib (the GPU machine has none)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def build_parser():
                    f"client, {SMOKE['max_tokens']} tokens, engine on --device cpu")
     p.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default: output/bench)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    p.add_argument("--plot", type=Path, metavar="RECORD",
+                   help="measure nothing: draw RECORD.json's PNG beside it (needs matplotlib)")
     return p
 
 
@@ -219,8 +222,25 @@ def plot(record: dict, path: Path) -> bool:
     return True
 
 
+def replot(record_path: Path) -> int:
+    try:
+        record = json.loads(record_path.read_text())
+        record["levels"]  # noqa: B018  (a serve record has them)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"bench_serve: {record_path} is not a serve record ({e})", file=sys.stderr)
+        return 2
+    png = record_path.with_suffix(".png")
+    if not plot(record, png):
+        print("bench_serve: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 2
+    print(png)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, engine_args = parse(sys.argv[1:] if argv is None else list(argv))
+    if args.plot is not None:
+        return replot(args.plot)
     copy_gbs = measure_copy_bandwidth()
     started: list[Any] = []  # things to stop, newest first
     try:

@@ -6,7 +6,8 @@
 #   bench   scripts/bench_kernels.py and scripts/bench_decode.py ($BENCH_ARGS)
 #   retest  after a kernel-test pass: the kernel tests (KERNEL_K=expr selects some), the engine
 #           suite, the default-model parity scripts and both runs
-# A summary table is printed last. Expects the staged GGUF at $GRAPHSERVER_GGUF.
+# A summary table is printed last. Expects the staged GGUF at $GRAPHSERVER_GGUF, and the wheels
+# that scripts/stage_device_wheels.sh puts in .whl/ carried along.
 set -uo pipefail
 usage() {
   cat <<'USAGE'

@@ -1,6 +1,7 @@
 """`graphserver serve` as a process: the READY line, attaching to an engine, clean exits, and
 one-line errors with exit code 2 for command-line mistakes."""
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -101,3 +102,17 @@ def test_bench_serve_smoke_writes_a_record(default_model_dir, tmp_path):
             assert s["tokens"] == lv["concurrency"] * 2 * 8 and s["requests"] == lv["concurrency"] * 2
             assert s["output_tok_s"] > 0 and s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["p50"]
         assert lv["ratio"] == pytest.approx(lv["http"]["output_tok_s"] / lv["engine"]["output_tok_s"], rel=1e-2)
+    # --plot draws a record's PNG later (the GPU machine has no matplotlib), or says what it needs.
+    png = path.with_suffix(".png")
+    png.unlink(missing_ok=True)
+    r = subprocess.run([sys.executable, "scripts/bench_serve.py", "--plot", str(path)], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120, env=child_env(), stdin=subprocess.DEVNULL)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert r.returncode == 0 and png.stat().st_size > 1000, r.stderr[-2000:]
+    else:
+        assert r.returncode == 2 and "needs matplotlib" in r.stderr and not png.exists()
+    bad = tmp_path / "not_a_record.json"
+    bad.write_text('{"kind": "decode"}')
+    r = subprocess.run([sys.executable, "scripts/bench_serve.py", "--plot", str(bad)], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120, env=child_env(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "is not a serve record" in r.stderr and "Traceback" not in r.stderr
