@@ -30,6 +30,8 @@ def _run(args, timeout=60):
     (["--model", "/no/such/model/dir"], "no such directory"),
     (["--tokenizer", "/no/such/dir", "--engine-endpoint", "tcp://127.0.0.1:1"], "no tokenizer.json"),
     (["--engine-endpoint", "tcp://127.0.0.1:1", "--engine-timeout", "0"], "--engine-timeout must be > 0"),
+    (["--engine-endpoint", "tcp://127.0.0.1:1", "--tp", "2"], "--engine-endpoint attaches"),
+    (["--tp", "2", "--", "--device", "cpu", "--tp=3"], "--tp is given twice"),
 ])
 def test_command_line_mistakes_exit_2_with_one_line(args, message):
     r = _run(args)
@@ -37,6 +39,14 @@ def test_command_line_mistakes_exit_2_with_one_line(args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert r.stdout == ""
+
+
+def test_tp_goes_to_the_started_engine():
+    from graphserver.api.server import parse_args
+
+    args, engine_args = parse_args(["--model", "random:tiny", "--tp", "2", "--", "--device", "cpu"])
+    assert engine_args == ["--device", "cpu", "--tp", "2"]
+    assert parse_args(["--model", "random:tiny"])[1] == []
 
 
 def test_port_in_use_exits_2():

@@ -3,7 +3,6 @@
 disconnect that frees its KV blocks, and weights hot reload under load."""
 
 import concurrent.futures
-import shutil
 import sys
 import time
 
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client.rpc import spawn_process
 
+from checkpoints import misshaped_copy, perturbed_copy
 from rpc_helpers import child_env
 
 pytestmark = pytest.mark.slow
@@ -161,27 +161,11 @@ def test_disconnect_mid_stream_frees_blocks(api):
     assert m[("graphserver_engine_aborted_total", ())] >= 1
 
 
-def _perturbed_copy(src, dst):
-    """A copy of the model directory whose weights are changed enough to change greedy text."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    gen = torch.Generator().manual_seed(int(time.time()))
-    for f in sorted(dst.glob("*.safetensors")):
-        tensors = load_file(str(f))
-        for name, t in tensors.items():
-            if t.ndim == 2 and t.is_floating_point():
-                tensors[name] = t + 0.5 * t.float().std() * torch.randn(t.shape, generator=gen, dtype=t.dtype)
-        save_file(tensors, str(f), metadata={"format": "pt"})
-    return dst
-
-
 def test_reload_under_load_and_back(api, default_model_dir, tmp_path):
     url, model = api
     client = client_of(url)
     prompt, n = "Once upon a time", 10
-    ckpt_b = _perturbed_copy(default_model_dir, tmp_path / "b")
+    ckpt_b = perturbed_copy(default_model_dir, tmp_path / "b", seed=int(time.time()))
 
     def one_stream():
         with client.completions.with_streaming_response.create(
@@ -222,11 +206,7 @@ def test_reload_under_load_and_back(api, default_model_dir, tmp_path):
     assert {"B", "A"} <= {v for v, _ in results}
 
     # A checkpoint with a misshaped tensor: a clear 400, and the old weights keep serving.
-    bad = tmp_path / "bad"
-    shutil.copytree(default_model_dir, bad, ignore=shutil.ignore_patterns("*.safetensors"))
-    from safetensors.torch import save_file
-    import torch
-    save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, str(bad / "model.safetensors"))
+    bad = misshaped_copy(default_model_dir, tmp_path / "bad")
     r = httpx.post(url + "/reload", json={"path": str(bad), "version": "C"}, timeout=120)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "bad_checkpoint" and r.headers["x-model-version"] == "A"

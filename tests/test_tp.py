@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU (gloo): the shard rules of the loader, the refusals of a TP size
 the model does not divide by, and greedy tokens through the real server and client at TP=N equal
-to an in-process TP=1 engine (fp32), for the session RPCs and for batched `generate`.
+to an in-process TP=1 engine (fp32), for the session RPCs and for batched `generate`; and hot
+reload, where every rank stages and copies its own shard.
 
 random:tiny (4 query / 2 kv heads) is the TP=2 model: random:tiny-hd128 has one kv head, which
 cannot be split. The default model (SmolLM2-135M, 9 / 3 heads) runs at TP=3.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -144,7 +146,7 @@ def _through_server(model: str, tp: int) -> dict:
     with ServerProcess(model=model, extra_args=CPU_FP32 + ["--tp", str(tp)],
                        spawn_timeout_s=300, call_timeout_s=300) as client:
         info = client.call("hello")
-        assert info["tp"] == tp and info["capabilities"]["reload"] is False
+        assert info["tp"] == tp and info["capabilities"]["reload"] is True
         client.kv_init("s", list(PROMPTS[0]))
         replay = client.replay_seq("s", STEPS)["tokens"]
         logits = client.step("s", replay[-1])["logits"]        # the eager step's full logits
@@ -178,3 +180,126 @@ def test_tp2_random_tiny_equals_tp1_through_the_server():
 def test_tp3_default_model_equals_tp1_through_the_server(default_model_dir):
     model = str(default_model_dir)
     _assert_same(_through_server(model, 3), _reference(model))
+
+
+# ----------------------------------------------------------------------------- reload
+
+RELOAD_STEPS = 16
+
+
+def _greedy(client_or_engine) -> list[int]:
+    client_or_engine.kv_init("g", list(PROMPTS[2]))
+    try:
+        return client_or_engine.replay_seq("g", RELOAD_STEPS)["tokens"]
+    finally:
+        client_or_engine.kv_free("g")
+
+
+def test_a_worker_stages_its_own_shard_and_reports_what_failed(default_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from checkpoints import perturbed_copy
+    from graphserver.prepare import resolve_model
+    from graphserver.worker.tp import _StagedReload
+
+    source = resolve_model(str(default_model_dir))
+    shard = Shard(2, 3)
+    runner = SimpleNamespace(w=load_weights(source, source.config, "cpu", torch.float32, shard=shard))
+    before = runner.w.arena.clone()
+    staged = _StagedReload(SimpleNamespace(source=source, dtype=torch.float32, world=3), rank=2)
+    assert staged.check(runner) == ("staged", "nothing was staged")
+    staged.stage(runner, str(tmp_path / "missing"))
+    status, error = staged.check(runner)
+    assert status == "staged" and "is not a directory" in error
+    staged.drop(runner)
+    ckpt = perturbed_copy(default_model_dir, tmp_path / "b")
+    staged.stage(runner, str(ckpt))
+    assert staged.check(runner) == ("staged", None)
+    assert torch.equal(runner.w.arena, before)          # nothing copied before the commit
+    staged.commit(runner)
+    want = load_weights(str(ckpt), source.config, "cpu", torch.float32, shard=shard)
+    assert torch.equal(runner.w.arena, want.arena) and not torch.equal(runner.w.arena, before)
+    assert staged.check(runner) == ("staged", "nothing was staged")     # the commit let it go
+
+
+class _Group:
+    """A TP group stand-in for rank 0's side of a reload: records the calls, fails on request."""
+
+    def __init__(self, problems=()):
+        self.calls, self.problems = [], list(problems)
+
+    def reload_stage(self, path):
+        self.calls.append("stage")
+
+    def reload_check(self):
+        self.calls.append("check")
+        return self.problems
+
+    def reload_commit(self):
+        self.calls.append("commit")
+
+    def reload_drop(self):
+        self.calls.append("drop")
+
+    def close(self):
+        pass
+
+
+def _reload(eng, path: str, version: str):
+    got = []
+    eng.reload(lambda r: got.append(("ok", r)), lambda e: got.append(("error", e)), path, version)
+    deadline = time.monotonic() + 120
+    while not got:          # staging runs on a thread: step until the loop has replied
+        assert time.monotonic() < deadline, "the reload never replied"
+        eng.run_step()
+        time.sleep(0.005)
+    return got[0]
+
+
+def test_a_rank_that_cannot_stage_fails_the_reload_and_every_rank_keeps_its_weights(default_model_dir):
+    from graphserver.engine import Engine
+
+    eng = Engine(str(default_model_dir), device="cpu", dtype="fp32", max_len=256)
+    try:
+        arena = eng.core.runner.w.arena.clone()
+        eng.core.tp_group = group = _Group(["rank 1: OSError: disk gone"])
+        kind, err = _reload(eng, str(default_model_dir), "B")
+        assert kind == "error" and "rank 1: OSError: disk gone" in str(err)
+        assert group.calls == ["stage", "check", "drop"] and eng.core.model_version == "0"
+        assert torch.equal(eng.core.runner.w.arena, arena)
+        group.calls, group.problems = [], []
+        kind, result = _reload(eng, str(default_model_dir), "B")
+        assert kind == "ok" and result["model_version"] == "B"
+        assert group.calls == ["stage", "check", "commit"]
+        group.calls = []
+        kind, err = _reload(eng, str(default_model_dir / "missing"), "C")   # rank 0's own failure
+        assert kind == "error" and group.calls == ["stage", "drop"]
+    finally:
+        eng.core.tp_group = None
+        eng.close()
+
+
+@pytest.mark.slow
+def test_tp3_reload_switches_every_rank_and_a_bad_checkpoint_changes_nothing(default_model_dir, tmp_path):
+    from checkpoints import misshaped_copy, perturbed_copy
+    from client.rpc import RemoteBadRequest, ServerProcess
+    from graphserver.engine import Engine
+
+    ckpt = perturbed_copy(default_model_dir, tmp_path / "b")
+    alone = Engine(str(ckpt), device="cpu", dtype="fp32", max_len=256)
+    try:
+        want_b = _greedy(alone)
+    finally:
+        alone.close()
+    with ServerProcess(model=str(default_model_dir), extra_args=CPU_FP32 + ["--tp", "3"],
+                       spawn_timeout_s=300, call_timeout_s=300) as client:
+        a = _greedy(client)
+        r = client.call("reload", path=str(ckpt), version="B")
+        assert r["model_version"] == "B" and r["previous_version"] == "0"
+        b = _greedy(client)
+        assert b == want_b and b != a       # every rank's shard switched (any stale one diverges)
+        with pytest.raises(RemoteBadRequest, match="reload"):
+            client.call("reload", path=str(misshaped_copy(default_model_dir, tmp_path / "bad")), version="C")
+        assert _greedy(client) == b and client.call("hello")["model_version"] == "B"
+        r = client.call("reload", path=str(default_model_dir), version="A")
+        assert _greedy(client) == a

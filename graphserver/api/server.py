@@ -17,7 +17,7 @@ from typing import Sequence
 
 import uvicorn
 
-from graphserver import protocol
+from graphserver import argtypes, defaults, protocol
 from graphserver.api.app import create_app
 from graphserver.api.service import ApiSettings, ApiState, AttachLauncher, EngineLauncher, SpawnLauncher
 
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="SPEC",
                    help="the engine's --model: an HF model directory or random:<shape> (default: the engine's "
                    "default model, prepared on first use)")
+    p.add_argument("--tp", type=argtypes.positive_int, metavar="N",
+                   help="tensor-parallel ranks of the engine it starts (that engine's --tp; "
+                   f"default: {defaults.DEFAULT_TP})")
     p.add_argument("--engine-endpoint", metavar="EP",
                    help="attach to a running engine at this ZeroMQ endpoint instead of starting one")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
@@ -73,9 +76,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         cut = argv.index("--")
         argv, engine_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
-    if args.engine_endpoint and (args.model or engine_args):
-        raise UsageError("--engine-endpoint attaches to a running engine; --model and engine arguments "
-                         "are for one it starts")
+    if args.engine_endpoint and (args.model or args.tp or engine_args):
+        raise UsageError("--engine-endpoint attaches to a running engine; --model, --tp and engine "
+                         "arguments are for one it starts")
+    if args.tp is not None:
+        if any(a == "--tp" or a.startswith("--tp=") for a in engine_args):
+            raise UsageError("--tp is given twice (before and after '--')")
+        engine_args += ["--tp", str(args.tp)]
     if args.engine_endpoint and args.engine_endpoint.startswith("ipc://") and not os.path.exists(
             args.engine_endpoint[len("ipc://"):]):
         raise UsageError(f"--engine-endpoint {args.engine_endpoint}: no engine socket there")

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from custom_kernels.weights import load_weights
+from custom_kernels.weights import Shard, load_weights
 
 from ..config import EngineConfig
 from ..core.block_allocator import BlockAllocator
@@ -198,9 +198,6 @@ class EngineCore:
         admission pauses, running requests finish (up to drain_timeout_s; later ones are aborted),
         the weights are copied into the same arena and the version is bumped.
         """
-        if self.tp > 1:
-            raise BadRequest(f"reload is not supported with --tp {self.tp} yet (each rank would "
-                             "need its shard of the new checkpoint)")
         if self.reload_pending is not None:
             raise BadRequest(f"a reload to version {self.reload_pending.version!r} is in progress")
         if not version:
@@ -212,12 +209,14 @@ class EngineCore:
 
         def stage():
             try:
-                pending.staged = stage_checkpoint(path, self.cfg, self.dtype)
+                pending.staged = stage_checkpoint(path, self.cfg, self.dtype, Shard(0, self.tp))
             except BaseException as e:      # handed to the loop thread, which replies
                 pending.error = e
             finally:
                 pending.done.set()
 
+        if self.tp_group is not None:    # every worker stages its own shard meanwhile
+            self.tp_group.reload_stage(path)
         threading.Thread(target=stage, name="reload-stage", daemon=True).start()
         self.reload_pending = pending
 
@@ -225,6 +224,17 @@ class EngineCore:
         p = self.reload_pending
         if not p.done.is_set():
             return []
+        if self.tp_group is not None and p.drain_t0 is None:
+            # Before admission pauses: a rank that could not stage its shard fails the reload
+            # while every rank still serves the old weights.
+            try:
+                problems = self.tp_group.reload_check() if p.error is None else []
+            except RuntimeError as e:       # a worker died: the reply says so (the step fails next)
+                problems = [str(e)]
+            if problems:
+                p.error = BadRequest(f"reload: {p.path}: " + "; ".join(problems))
+            if p.error is not None:
+                self.tp_group.reload_drop()
         if p.error is not None:
             self.reload_pending = None
             self.scheduler.paused = False
@@ -246,6 +256,8 @@ class EngineCore:
                 outputs.append(self.scheduler.abort(req.request_id))
         drain_ms = (time.perf_counter() - p.drain_t0) * 1e3
         t1 = time.perf_counter()
+        if self.tp_group is not None:
+            self.tp_group.reload_commit()    # the workers copy while rank 0 does
         with self.on_stream():
             copy_into(self.runner.w, p.staged)
         if self.is_cuda:

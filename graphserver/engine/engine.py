@@ -107,7 +107,7 @@ class Engine:
         out["capabilities"] = {"graphs": self.is_cuda, "on_device_sampling": True,
                                "graph_bucket": graphs.bucket if graphs else None,
                                "batch_graphs": self.core.batch_graphs is not None,
-                               "generate": True, "reload": self.core.tp == 1}
+                               "generate": True, "reload": True}
         return out
 
     def status(self) -> dict:

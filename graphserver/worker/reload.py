@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from custom_kernels.weights import ModelWeights, WeightLoadError, load_weights
+from custom_kernels.weights import ModelWeights, Shard, WeightLoadError, load_weights
 
 from ..config import ModelConfig, UnsupportedConfig
 from ..errors import BadRequest
@@ -18,8 +18,9 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                  "rms_norm_eps")
 
 
-def stage_checkpoint(path: str, cfg: ModelConfig, dtype: torch.dtype) -> ModelWeights:
-    """The checkpoint at path loaded into a host arena laid out like the running one.
+def stage_checkpoint(path: str, cfg: ModelConfig, dtype: torch.dtype, shard: Shard = Shard()) -> ModelWeights:
+    """The checkpoint at path loaded into a host arena laid out like the running one (shard:
+    a tensor-parallel rank's part only; the whole checkpoint is still validated from its headers).
 
     BadRequest (one line per problem) when it is not a directory, its config disagrees with the
     running model, or its tensors are missing or misshaped; nothing on the device is touched.
@@ -40,7 +41,7 @@ def stage_checkpoint(path: str, cfg: ModelConfig, dtype: torch.dtype) -> ModelWe
         raise BadRequest("reload: the checkpoint's config differs from the running model: "
                          + "; ".join(diff))
     try:
-        return load_weights(root, cfg, "cpu", dtype)
+        return load_weights(root, cfg, "cpu", dtype, shard=shard)
     except (WeightLoadError, OSError, RuntimeError) as e:
         raise BadRequest(f"reload: {path}: " + str(e).replace("\n", " ")) from None
 

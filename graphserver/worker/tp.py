@@ -16,6 +16,11 @@ end-of-file and exits instead of lingering.
 Collectives: gloo on the CPU, bound to 127.0.0.1; NCCL on CUDA (rank r on cuda:r). The rendezvous
 is a file in a private temp dir, so no port is chosen or bound for it. The NCCL path is written
 but has not run yet (no multi-GPU machine in CI); graphs are off with TP > 1 (the step is eager).
+
+Hot reload: every rank stages its own shard of the new checkpoint on a thread while serving goes
+on ("stage"); when rank 0 has staged and validated its shard it asks the workers for theirs
+("check", the one call a worker answers); then either all copy into their arenas in the same
+place of the call order ("commit") or all drop what they staged ("drop").
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -37,6 +43,7 @@ from custom_kernels.weights import Shard, load_weights, shard_config, shard_divi
 
 from ..errors import ConfigError, DeadlineExceeded
 from .model_runner import ModelRunner
+from .reload import copy_into, stage_checkpoint
 
 # How long one collective (and the rendezvous) may wait for the other ranks. Every rank enters a
 # step's all-reduces together, so a wait this long means a rank died or hung.
@@ -136,6 +143,7 @@ def _serve(spec: WorkerSpec, rank: int, conn) -> None:
         init_group(spec, rank)
         runner = build_runner(spec, rank)
         runner.bind_stream()
+        staged = _StagedReload(spec, rank)
         conn.send(("ready", None))
     except BaseException as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -149,6 +157,11 @@ def _serve(spec: WorkerSpec, rank: int, conn) -> None:
             if msg is None:
                 return
             target, method, args, kwargs = msg
+            if target == "reload":
+                answer = getattr(staged, method)(runner, *args)
+                if answer is not None:
+                    conn.send(answer)
+                continue
             obj = runner if target == "runner" else runner.batch
             getattr(obj, method)(*args, **kwargs)
     except BaseException:
@@ -159,6 +172,46 @@ def _serve(spec: WorkerSpec, rank: int, conn) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _StagedReload:
+    """A worker's side of a reload: its shard of the new checkpoint, staged on a thread."""
+
+    def __init__(self, spec: WorkerSpec, rank: int):
+        self.spec, self.rank = spec, rank
+        self._thread: Optional[threading.Thread] = None
+        self._weights = None
+        self._error: Optional[str] = None
+
+    def stage(self, runner: ModelRunner, path: str) -> None:
+        self.drop(runner)
+
+        def load():
+            try:
+                self._weights = stage_checkpoint(path, self.spec.source.config, self.spec.dtype,
+                                                 Shard(self.rank, self.spec.world))
+            except BaseException as e:      # reported to rank 0 by check()
+                self._error = f"{type(e).__name__}: {e}"
+
+        self._thread = threading.Thread(target=load, name=f"reload-stage-tp{self.rank}", daemon=True)
+        self._thread.start()
+
+    def check(self, runner: ModelRunner) -> tuple:
+        """("staged", None) once the shard is in host memory, or ("staged", why it is not)."""
+        if self._thread is None:
+            return ("staged", "nothing was staged")
+        self._thread.join()
+        return ("staged", self._error)
+
+    def commit(self, runner: ModelRunner) -> None:
+        self._thread.join()
+        copy_into(runner.w, self._weights)   # on this rank's stream, before any later call
+        self.drop(runner)
+
+    def drop(self, runner: ModelRunner) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        self._thread, self._weights, self._error = None, None, None
 
 
 class TPGroup:
@@ -189,14 +242,42 @@ class TPGroup:
 
     def wait_ready(self) -> None:
         """Wait until every worker has built its shard (RuntimeError if one failed or died)."""
-        for rank, (conn, p) in enumerate(zip(self.conns, self.procs), start=1):
-            while not conn.poll(READY_POLL_S):
-                if not p.is_alive():
-                    raise RuntimeError(f"tensor-parallel rank {rank} exited with code "
-                                       f"{p.exitcode} while loading")
-            status, detail = conn.recv()
+        for rank, conn, p in self._ranks():
+            status, detail = self._answer(rank, conn, p, "while loading")
             if status != "ready":
                 raise RuntimeError(f"tensor-parallel rank {rank} failed to load: {detail}")
+
+    def _ranks(self):
+        return zip(range(1, len(self.conns) + 1), self.conns, self.procs)
+
+    @staticmethod
+    def _answer(rank: int, conn, p, doing: str) -> tuple:
+        """A worker's next message; RuntimeError if it exits first."""
+        while not conn.poll(READY_POLL_S):
+            if not p.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {rank} exited with code {p.exitcode} {doing}")
+        return conn.recv()
+
+    # -- reload (every rank its own shard; see the module docstring) --
+
+    def reload_stage(self, path: str) -> None:
+        self.send("reload", "stage", (path,), {})
+
+    def reload_check(self) -> list[str]:
+        """Wait for every worker's staging; one line per rank whose shard could not be staged."""
+        self.send("reload", "check", (), {})
+        problems = []
+        for rank, conn, p in self._ranks():
+            _, error = self._answer(rank, conn, p, "while staging a reload")
+            if error:
+                problems.append(f"rank {rank}: {error}")
+        return problems
+
+    def reload_commit(self) -> None:
+        self.send("reload", "commit", (), {})
+
+    def reload_drop(self) -> None:
+        self.send("reload", "drop", (), {})
 
     def send(self, target: str, method: str, args: tuple, kwargs: dict) -> None:
         msg = (target, method, args, kwargs)
