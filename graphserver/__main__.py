@@ -89,8 +89,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tp", type=argtypes.positive_int, metavar="N",
                    help="tensor-parallel ranks: N processes (one GPU each on CUDA, cuda:0..N-1), "
                    "each holding 1/N of the attention heads, KV heads and MLP columns; the model's "
-                   "head counts and intermediate_size must divide by N; graphs are off when N > 1, "
-                   f"and a reload stages and copies every rank's shard (default: {d.DEFAULT_TP})")
+                   "head counts and intermediate_size must divide by N; every rank captures and replays "
+                   f"the same graphs and reloads its own shard (default: {d.DEFAULT_TP})")
     p.add_argument("--prefill-chunk", type=argtypes.positive_int, metavar="N",
                    help="prompt tokens per prefill forward; long prompts run in chunks beside the "
                    f"running decodes (default: {d.DEFAULT_PREFILL_CHUNK})")

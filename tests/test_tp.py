@@ -120,24 +120,28 @@ def _reference(model: str) -> dict:
         eng.kv_init("s", list(PROMPTS[0]))
         replay = eng.replay_seq("s", STEPS)["tokens"]
         logits = torch.as_tensor(eng.step("s", replay[-1])["logits"])
-        got: dict[str, list[int]] = {}
-
-        def collector(rid):
-            def reply(result, more=False):
-                got.setdefault(rid, []).extend(result["tokens"])
-            return reply
-
-        for i, p in enumerate(PROMPTS):
-            eng.generate(collector(f"r{i}"), f"r{i}", list(p), max_tokens=STEPS, ignore_eos=True)
-        n = 0
-        while eng.has_work:
-            eng.run_step()
-            n += 1
-            assert n < 10 * STEPS
-        return {"replay": replay, "generate": [got[f"r{i}"] for i in range(len(PROMPTS))],
-                "logits": logits}
+        return {"replay": replay, "generate": _generate_all(eng), "logits": logits}
     finally:
         eng.close()
+
+
+def _generate_all(eng) -> list[list[int]]:
+    """Every prompt through an in-process engine's batched generate, submitted at once."""
+    got: dict[str, list[int]] = {}
+
+    def collector(rid):
+        def reply(result, more=False):
+            got.setdefault(rid, []).extend(result["tokens"])
+        return reply
+
+    for i, p in enumerate(PROMPTS):
+        eng.generate(collector(f"r{i}"), f"r{i}", list(p), max_tokens=STEPS, ignore_eos=True)
+    n = 0
+    while eng.has_work:
+        eng.run_step()
+        n += 1
+        assert n < 10 * STEPS
+    return [got[f"r{i}"] for i in range(len(PROMPTS))]
 
 
 def _through_server(model: str, tp: int) -> dict:
@@ -180,6 +184,81 @@ def test_tp2_random_tiny_equals_tp1_through_the_server():
 def test_tp3_default_model_equals_tp1_through_the_server(default_model_dir):
     model = str(default_model_dir)
     _assert_same(_through_server(model, 3), _reference(model))
+
+
+# ----------------------------------------------------------------------------- graphs
+
+def test_tp2_graphs_are_captured_replayed_and_released_on_every_rank():
+    """Rank 0's two graph managers over TPCapturer, with the CPU's stand-in capturer (replay runs
+    the step): the workers capture, replay and release the same serials, so the tokens equal
+    TP=1's. A replay a worker missed would leave rank 0 alone in an all-reduce; one it ran out of
+    order would pair the wrong steps and change the tokens. Small windows make evictions (releases
+    racing replays) happen throughout."""
+    from graphserver.engine import Engine
+    from graphserver.worker.executor import Executor
+    from graphserver.worker.graphs import BatchGraphManager, GraphManager
+    from graphserver.worker.graphs.cuda import step_of
+    from graphserver.worker.tp_graphs import EagerCapturer, TPCapturer
+
+    want = _reference("random:tiny")
+    eng = Engine("random:tiny", device="cpu", dtype="fp32", max_len=256, tp=2)
+    core, sessions = eng.core, eng.sessions_api
+    try:
+        local = core.runner.local
+
+        def capturer(kind):
+            return TPCapturer(EagerCapturer(step_of(local, kind)), core.tp_group, kind)
+
+        sessions.graphs = GraphManager(capturer("seq"), core.max_len, log=core.log)
+        core.batch_graphs = BatchGraphManager(capturer("batch"), [1, 2, 4], core.max_len,
+                                              len_quantum=16, max_graphs=3, log=core.log)
+        core.executor = Executor(core.runner, core.batch_graphs, core.tracer)
+        core.batch_graphs.start()
+        eng.kv_init("s", list(PROMPTS[0]))
+        eng.bg_capture_start(ahead=4, behind=1)
+        r = eng.replay_seq("s", STEPS)
+        assert r["tokens"] == want["replay"]
+        assert r["graphs"] and r["eager_steps"] < STEPS // 2, r
+        snap = sessions.graphs.snapshot()
+        assert snap["evicted"] > 0, snap
+        assert _generate_all(eng) == want["generate"]
+        assert core.executor.eager_steps < STEPS and core.batch_graphs.captured > 3   # replays, evictions
+    finally:
+        eng.close()
+
+
+def test_a_worker_whose_capture_failed_runs_that_step_eagerly():
+    from types import SimpleNamespace
+
+    from graphserver.worker.tp_graphs import EagerCapturer, WorkerGraphs
+
+    ran, logs = [], []
+    runner = SimpleNamespace(decode_step=lambda attn_max_len: ran.append(("eager", attn_max_len)),
+                             decode_batch=lambda b, n: ran.append(("eager", (b, n))))
+    graphs = WorkerGraphs(runner, torch.device("cpu"), log=logs.append)
+
+    class Failing(EagerCapturer):
+        def capture(self, key):
+            if key == 9:
+                raise RuntimeError("capture failed")
+            return super().capture(key)
+
+    graphs.capturers["seq"] = Failing(lambda key: ran.append(("graph", key)))
+    try:
+        graphs.capture("seq", 1, 8)
+        graphs.capture("seq", 2, 9)
+        graphs.capture("batch", 3, (4, 64))
+        for serial in (1, 2, 3, 2):
+            graphs.replay(serial)
+        for serial in (1, 2, 3):
+            graphs.release(serial)
+        # The same all-reduces in the same order either way: the failed key ran its eager step.
+        assert ran == [("graph", 8), ("eager", 9), ("eager", (4, 64)), ("eager", 9)]
+        assert len(logs) == 1 and "seq 9" in logs[0] and "capture failed" in logs[0]
+        with pytest.raises(KeyError):
+            graphs.replay(1)            # released
+    finally:
+        graphs.close()
 
 
 # ----------------------------------------------------------------------------- reload

@@ -29,8 +29,9 @@ from ..tracing import Tracer
 from ..worker.device import pick_device, pick_dtype
 from ..worker.executor import Executor
 from ..worker.graphs import BatchGraphManager, default_buckets
-from ..worker.graphs.cuda import CudaGraphCapturer
+from ..worker.graphs.cuda import capturer_for
 from ..worker.model_runner import ModelRunner
+from ..worker.tp_graphs import TPCapturer
 from ..worker.reload import copy_into, stage_checkpoint
 
 
@@ -104,13 +105,9 @@ class EngineCore:
             max_waiting=config.max_waiting, allocator=self.alloc,
             watermark_blocks=config.kv_watermark_blocks, clock=clock, reclaim=self._reclaim)
         self.batch_graphs: Optional[BatchGraphManager] = None
-        if self.is_cuda and config.batch_graphs and self.tp == 1:   # TP steps run eagerly
-            capturer = CudaGraphCapturer(
-                self.runner, self.device, self.tracer, label="B,L",
-                step=lambda key: self.runner.decode_batch(*key),
-                signature=lambda key: self.runner.batch_signature(*key))
+        if self.is_cuda and config.batch_graphs:
             self.batch_graphs = BatchGraphManager(
-                capturer, default_buckets(config.max_num_seqs), self.max_len,
+                self.graph_capturer("batch"), default_buckets(config.max_num_seqs), self.max_len,
                 max_graphs=config.max_batch_graphs, log=log)
         self.executor = Executor(self.runner, self.batch_graphs, self.tracer)
         self.reload_pending: Optional[PendingReload] = None
@@ -138,7 +135,7 @@ class EngineCore:
                     max_num_seqs=c.max_num_seqs, batch_invariant=c.batch_invariant)
         self.tp_group = group = TPGroup(spec, self.tp, self.log)
         try:
-            runner = build_runner(group.spec, 0)
+            runner = build_runner(group.spec, 0, group.capture_group)
             group.wait_ready()
         except BaseException:
             group.close()
@@ -146,6 +143,14 @@ class EngineCore:
         return RunnerProxy(runner, group)
 
     # ------------------------------------------------------------------ helpers
+
+    def graph_capturer(self, kind: str):
+        """The CUDA capturer of the session step ("seq") or the batched step ("batch"). It
+        captures rank 0's own runner; under TP it is wrapped so every worker captures and replays
+        the same graphs (worker/tp_graphs.py)."""
+        local = self.runner.local if self.tp_group is not None else self.runner
+        capturer = capturer_for(local, self.device, kind, self.tracer)
+        return capturer if self.tp_group is None else TPCapturer(capturer, self.tp_group, kind)
 
     @property
     def is_cuda(self) -> bool:

@@ -20,7 +20,6 @@ import torch
 from ..core.block_allocator import BlockAllocator
 from ..errors import BadRequest, KVExhausted, Unavailable, UnknownSession
 from ..worker.graphs import GraphManager
-from ..worker.graphs.cuda import CudaGraphCapturer
 from .core import EngineCore
 from .validate import check_deadline, check_ids, check_name, check_token, parse_sampling
 
@@ -80,12 +79,9 @@ class Sessions:
         self._trim_heap = None if core.is_cuda else heap_trimmer()
         if core.is_cuda:
             self.hist_host = torch.empty(core.max_len + 1, dtype=torch.int32).pin_memory()
-        # With TP > 1 the step runs eagerly: a graph of it would have to be captured and replayed
-        # on every rank in step (not built yet).
-        if core.is_cuda and core.tp == 1:
-            capturer = CudaGraphCapturer(core.runner, core.device, core.tracer)
-            self.graphs = GraphManager(capturer, core.max_len, bucket=cfg.graph_bucket,
-                                       log=core.log)
+        if core.is_cuda:
+            self.graphs = GraphManager(core.graph_capturer("seq"), core.max_len,
+                                       bucket=cfg.graph_bucket, log=core.log)
         core.reclaimers.append(lambda: self.reclaim_idle(keep=None) > 0)
 
     # ------------------------------------------------------------------ helpers

@@ -15,7 +15,8 @@ end-of-file and exits instead of lingering.
 
 Collectives: gloo on the CPU, bound to 127.0.0.1; NCCL on CUDA (rank r on cuda:r). The rendezvous
 is a file in a private temp dir, so no port is chosen or bound for it. The NCCL path is written
-but has not run yet (no multi-GPU machine in CI); graphs are off with TP > 1 (the step is eager).
+but has not run yet (no multi-GPU machine in CI). Step graphs are captured and replayed on every
+rank in step (tp_graphs.py).
 
 Hot reload: every rank stages its own shard of the new checkpoint on a thread while serving goes
 on ("stage"); when rank 0 has staged and validated its shard it asks the workers for theirs
@@ -44,6 +45,7 @@ from custom_kernels.weights import Shard, load_weights, shard_config, shard_divi
 from ..errors import ConfigError, DeadlineExceeded
 from .model_runner import ModelRunner
 from .reload import copy_into, stage_checkpoint
+from .tp_graphs import WorkerGraphs
 
 # How long one collective (and the rendezvous) may wait for the other ranks. Every rank enters a
 # step's all-reduces together, so a wait this long means a rank died or hung.
@@ -84,8 +86,11 @@ class WorkerSpec:
         return torch.device("cuda", rank) if self.device_type == "cuda" else torch.device("cpu")
 
 
-def init_group(spec: WorkerSpec, rank: int) -> None:
-    """Join the process group of spec.world ranks (NCCL on CUDA, gloo on 127.0.0.1 otherwise)."""
+def init_group(spec: WorkerSpec, rank: int):
+    """Join the process group of spec.world ranks (NCCL on CUDA, gloo on 127.0.0.1 otherwise).
+
+    Returns, on CUDA, a second NCCL group for the all-reduces inside graph captures (see
+    make_all_reduce); None on the CPU, which captures no graphs."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
@@ -102,15 +107,31 @@ def init_group(spec: WorkerSpec, rank: int) -> None:
         kwargs["pg_options"] = opts
     dist.init_process_group(backend, init_method="file://" + spec.init_file, rank=rank,
                             world_size=spec.world, timeout=timeout, **kwargs)
+    if spec.device_type != "cuda":
+        return None
+    # Every rank creates it, in the same order, right after the default group, and runs one
+    # all-reduce on it now: the communicator's setup allocates and synchronizes, which a
+    # capturing thread may not do, so it must not wait for the first capture.
+    capture_group = dist.new_group(backend="nccl")
+    warm = torch.ones(1, device=spec.device(rank))
+    dist.all_reduce(warm, group=capture_group)
+    torch.cuda.synchronize(spec.device(rank))
+    return capture_group
 
 
-def _all_reduce(t: torch.Tensor) -> None:
+def make_all_reduce(capture_group) -> Callable[[torch.Tensor], None]:
+    """The runner's all-reduce (in place, sum). Inside a graph capture it goes through
+    capture_group: the capture thread and the request side's eager steps then never use one
+    communicator, or its internal stream, at the same time."""
     import torch.distributed as dist
 
-    dist.all_reduce(t)      # in place, sum
+    def all_reduce(t: torch.Tensor) -> None:
+        capturing = capture_group is not None and torch.cuda.is_current_stream_capturing()
+        dist.all_reduce(t, group=capture_group if capturing else None)
+    return all_reduce
 
 
-def build_runner(spec: WorkerSpec, rank: int) -> ModelRunner:
+def build_runner(spec: WorkerSpec, rank: int, capture_group=None) -> ModelRunner:
     """Rank `rank`'s shard of the weights, its runner on the shard config, the all-reduce hook."""
     cfg = spec.source.config
     device = spec.device(rank)
@@ -120,7 +141,7 @@ def build_runner(spec: WorkerSpec, rank: int) -> ModelRunner:
                          kv_blocks=spec.kv_blocks, block_size=spec.block_size,
                          prefill_chunk=spec.prefill_chunk, max_num_seqs=spec.max_num_seqs,
                          batch_invariant=spec.batch_invariant)
-    runner.all_reduce = _all_reduce
+    runner.all_reduce = make_all_reduce(capture_group)
     return runner
 
 
@@ -140,10 +161,11 @@ def _serve(spec: WorkerSpec, rank: int, conn) -> None:
     import torch.distributed as dist
 
     try:
-        init_group(spec, rank)
-        runner = build_runner(spec, rank)
+        capture_group = init_group(spec, rank)
+        runner = build_runner(spec, rank, capture_group)
         runner.bind_stream()
         staged = _StagedReload(spec, rank)
+        graphs = WorkerGraphs(runner, spec.device(rank), log=lambda m: print(f"tp{rank}: {m}", file=sys.stderr))
         conn.send(("ready", None))
     except BaseException as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -162,6 +184,9 @@ def _serve(spec: WorkerSpec, rank: int, conn) -> None:
                 if answer is not None:
                     conn.send(answer)
                 continue
+            if target == "graphs":
+                getattr(graphs, method)(*args)
+                continue
             obj = runner if target == "runner" else runner.batch
             getattr(obj, method)(*args, **kwargs)
     except BaseException:
@@ -170,6 +195,7 @@ def _serve(spec: WorkerSpec, rank: int, conn) -> None:
         traceback.print_exc(file=sys.stderr)
         os._exit(1)
     finally:
+        graphs.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -226,6 +252,8 @@ class TPGroup:
         ctx = multiprocessing.get_context("spawn")     # fork after torch threads is unsafe
         self.conns = []
         self.procs = []
+        self._send_lock = threading.Lock()
+        self.capture_group = None
         try:
             for rank in range(1, world):
                 ours, theirs = ctx.Pipe()
@@ -235,7 +263,7 @@ class TPGroup:
                 theirs.close()
                 self.conns.append(ours)
                 self.procs.append(p)
-            init_group(self.spec, 0)
+            self.capture_group = init_group(self.spec, 0)
         except BaseException:
             self.close()
             raise
@@ -281,11 +309,14 @@ class TPGroup:
 
     def send(self, target: str, method: str, args: tuple, kwargs: dict) -> None:
         msg = (target, method, args, kwargs)
-        for rank, conn in enumerate(self.conns, start=1):
-            try:
-                conn.send(msg)
-            except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
-                raise RuntimeError(f"tensor-parallel rank {rank} is gone") from None
+        # Two threads send: the request side and a graph manager's capture thread (tp_graphs.py).
+        # Under one lock every worker sees the messages in one order, and none interleave.
+        with self._send_lock:
+            for rank, conn in enumerate(self.conns, start=1):
+                try:
+                    conn.send(msg)
+                except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+                    raise RuntimeError(f"tensor-parallel rank {rank} is gone") from None
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the workers (then kill any that do not exit) and leave the group."""

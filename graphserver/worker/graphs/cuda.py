@@ -44,7 +44,7 @@ class CudaGraphCapturer:
     def __init__(self, runner, device: torch.device, tracer=None, share: bool = True,
                  keep_idle: int = 16, step=None, signature=None, label: str = "T"):
         self.runner = runner
-        self.step = step or (lambda key: runner.decode_step(attn_max_len=key))
+        self.step = step or step_of(runner, "seq")
         self.signature = signature or runner.step_signature
         self.label = label
         self.device = device
@@ -127,3 +127,21 @@ class CudaGraphCapturer:
 
     def memory_bytes(self) -> int:
         return max(0, torch.cuda.memory_reserved(self.device) - self._mem_before)
+
+
+def step_of(runner, kind: str):
+    """What a graph of each kind runs: the session step ("seq", key = length) or the batched
+    step ("batch", key = (bucket, length))."""
+    if kind == "seq":
+        return lambda key: runner.decode_step(attn_max_len=key)
+    if kind == "batch":
+        return lambda key: runner.decode_batch(*key)
+    raise ValueError(f"unknown graph kind {kind!r}")
+
+
+def capturer_for(runner, device: torch.device, kind: str, tracer=None) -> CudaGraphCapturer:
+    """The capturer of one kind of step graph over this runner (see step_of)."""
+    if kind == "seq":
+        return CudaGraphCapturer(runner, device, tracer, step=step_of(runner, kind))
+    return CudaGraphCapturer(runner, device, tracer, label="B,L", step=step_of(runner, kind),
+                             signature=lambda key: runner.batch_signature(*key))
