@@ -683,6 +683,14 @@ def spawn_server(
     return spawn_process(server_argv(model, extra_args), timeout_s, env)
 
 
+def _exit_code(proc: subprocess.Popen, wait_s: float) -> int | None:
+    """The process's exit code once it exits within wait_s; None while it still runs."""
+    try:
+        return proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def _reap(proc: subprocess.Popen, grace_s: float) -> None:
     """Wait up to grace_s for a clean exit, then SIGTERM, then SIGKILL: never leave an orphan."""
     for action, wait_s in ((None, grace_s), (proc.terminate, 5.0), (proc.kill, 5.0)):
@@ -740,6 +748,11 @@ class ServerProcess:
             if self.client is not None and self.process.poll() is None:
                 try:
                     self.client.stop(timeout_s=self._stop_timeout_s)
+                except ServerDead as e:
+                    # Ctrl-C reaches the whole process group: the server may have exited on its
+                    # own signal while our stop was on the way. A clean exit is not a failure.
+                    if _exit_code(self.process, self._stop_timeout_s) != 0:
+                        log.warning("stop failed (%s); terminating the server", e)
                 except RPCError as e:
                     log.warning("stop failed (%s); terminating the server", e)
         finally:

@@ -1,5 +1,6 @@
 """The client: RPC timeouts, dead servers, stale replies, spawning, and the process lifecycle."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -193,6 +194,23 @@ def test_server_process_end_to_end():
         assert os.path.exists(path)
     assert sp.process.returncode == 0  # `stop` made it exit cleanly
     assert not os.path.exists(os.path.dirname(path))  # private socket dir removed
+
+
+@pytest.mark.parametrize("sig, warned", [(signal.SIGTERM, False), (signal.SIGKILL, True)])
+def test_stop_racing_the_servers_own_exit(sig, warned, caplog):
+    # Ctrl-C reaches the whole process group: the server may exit on its own signal while the
+    # stop is on the way. A clean exit (SIGTERM: code 0) is no failure; a killed server is.
+    sp = ServerProcess(extra_args=FAKE_ENGINE_ARGS, env=child_env(), spawn_timeout_s=60.0,
+                       call_timeout_s=TIMEOUT_S)
+    with caplog.at_level(logging.WARNING, logger="client.rpc"):
+        with sp as c:
+            def stop_meets_an_exit(timeout_s=None):
+                sp.process.send_signal(sig)
+                sp.process.wait(10)
+                raise ServerDead("connection dropped while awaiting the reply")
+            c.stop = stop_meets_an_exit
+    assert sp.process.returncode == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    assert any("stop failed" in r.getMessage() for r in caplog.records) == warned
 
 
 def test_sigterm_exits_cleanly():
