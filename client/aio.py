@@ -29,6 +29,7 @@ from graphserver.protocol import ProtocolError
 log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 10.0  # an abort sent on the consumer's behalf; the engine answers it at once
+DRAIN_MAX = 256  # replies routed per reader wake-up at most, so other coroutines still get turns
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class AsyncEngineClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(endpoint)
+        # A blocking-API view of the same socket, for draining what is already queued without an
+        # asyncio future per message (the reader's own cost bounds how many tokens/s it routes).
+        self._drain = zmq.Socket.shadow(self._sock.underlying)
         self._reader: asyncio.Task | None = None
         self._dead: BaseException | None = None  # set once the process is known to have exited
         self._closed = False
@@ -135,8 +139,14 @@ class AsyncEngineClient:
     async def _read_once(self, poller: zmq.asyncio.Poller) -> None:
         events = dict(await poller.poll(self._poll_ms))
         if self._sock in events:
-            frames = await self._sock.recv_multipart()
-            self._route(frames[-1])
+            # Every reply already queued, not one per wake-up: under load the engine answers
+            # many streams per step, and each event-loop round trip costs more than a message.
+            for _ in range(DRAIN_MAX):
+                try:
+                    frames = self._drain.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._route(frames[-1])
         if self._monitor in events:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED and self._pending:
@@ -196,7 +206,8 @@ class AsyncEngineClient:
 
     async def _next(self, method: str, queue: asyncio.Queue, timeout_s: float) -> _Reply:
         try:
-            item = await asyncio.wait_for(queue.get(), timeout_s)
+            # A reply already queued needs no timer (wait_for costs a task per call).
+            item = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), timeout_s)
         except asyncio.TimeoutError:
             raise RPCTimeout(f"{method}: no reply from {self.endpoint} within {timeout_s:g} s") from None
         if isinstance(item, BaseException):
@@ -256,6 +267,9 @@ class AsyncEngineClient:
     ) -> AsyncIterator[dict]:
         """Yield each reply's result ({"request_id", "tokens", "finished", "finish_reason",
         "model_version", and on the last "usage", "metrics"}); the last has finished=True.
+        Replies that are already waiting when one is taken come merged into it (their tokens
+        joined, the later fields kept): a consumer that falls behind catches up in one step
+        instead of paying its per-reply cost for every token.
 
         idle_timeout_s: the longest wait for the next reply (default: the client's timeout_s).
         Leaving the loop before the last reply, for any reason, aborts the request in the engine.
@@ -271,14 +285,28 @@ class AsyncEngineClient:
         timeout = self.timeout_s if idle_timeout_s is None else idle_timeout_s
         msg_id, queue = await self._send("generate", params)
         done = False  # the engine has sent its last reply (or refused the request)
+        held: Any = None  # taken from the queue while merging, not merged: next in line
         try:
             while True:
-                reply = await self._next("generate", queue, timeout)
+                if held is None:
+                    reply = await self._next("generate", queue, timeout)
+                elif isinstance(held, BaseException):
+                    raise held
+                else:
+                    reply, held = held, None
                 if not reply.ok:
                     done = True
                     raise remote_error(reply.body["type"], reply.body["message"])
-                done = not reply.more
-                yield reply.body
+                body, more = reply.body, reply.more
+                while more and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException) or not nxt.ok:
+                        held = nxt
+                        break
+                    body = {**nxt.body, "tokens": list(body.get("tokens") or ()) + list(nxt.body.get("tokens") or ())}
+                    more = nxt.more
+                done = not more
+                yield body
                 if done:
                     return
         finally:

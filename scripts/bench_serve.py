@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import re
 import sys
 import time
@@ -180,6 +181,17 @@ async def engine_hello(endpoint: str) -> dict:
 # Records
 
 
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), None where unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def measure_copy_bandwidth() -> float | None:
     """The device-to-device copy GB/s of this run (None without a GPU here), measured before the
     engine starts so the two never share the GPU."""
@@ -250,22 +262,29 @@ def main(argv: list[str] | None = None) -> int:
             engine.__enter__()
             started.append(engine)
             endpoint = engine.endpoint
-        url = args.url
+        url, front_pid = args.url, None
         if url is None:
             proc, url = spawn_process([sys.executable, "-m", "graphserver.cli", "serve", "--engine-endpoint", endpoint,
                                        "--port", "0", "--exit-with-parent", "--log-level", "WARNING"])
             started.append(proc)
+            front_pid = proc.pid
         hello = asyncio.run(engine_hello(endpoint))
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         ids = TextTokenizer(hello["tokenizer_path"]).encode_plain(args.prompt)
         levels = []
         for conc in args.concurrency:
+            cpu0 = process_cpu_s(front_pid)
             h = asyncio.run(http_level(url, model, args.prompt, conc, args.requests, args.max_tokens, args.timeout))
+            cpu1 = process_cpu_s(front_pid)
+            # The front end's own CPU per token: whether it can keep up does not depend on the GPU.
+            h["frontend_cpu_us_per_token"] = (round((cpu1 - cpu0) / h["tokens"] * 1e6, 1)
+                                              if cpu0 is not None and cpu1 is not None and h["tokens"] else None)
             e = asyncio.run(engine_level(endpoint, ids, conc, args.requests, args.max_tokens, args.timeout))
             ratio = round(h["output_tok_s"] / e["output_tok_s"], 3) if e["output_tok_s"] else None
             levels.append({"concurrency": conc, "http": h, "engine": e, "ratio": ratio})
             print(f"C={conc:3d}  http {h['output_tok_s']:9.1f} tok/s  TTFT p50 {h['ttft_ms']['p50']} ms  "
-                  f"ITL p50 {h['itl_ms']['p50']} ms | engine {e['output_tok_s']:9.1f} tok/s | ratio {ratio}",
+                  f"ITL p50 {h['itl_ms']['p50']} ms  front end {h['frontend_cpu_us_per_token']} us CPU/token | "
+                  f"engine {e['output_tok_s']:9.1f} tok/s | ratio {ratio}",
                   file=sys.stderr, flush=True)
     finally:
         for thing in reversed(started):

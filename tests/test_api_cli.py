@@ -112,6 +112,8 @@ def test_bench_serve_smoke_writes_a_record(default_model_dir, tmp_path):
             assert s["tokens"] == lv["concurrency"] * 2 * 8 and s["requests"] == lv["concurrency"] * 2
             assert s["output_tok_s"] > 0 and s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["p50"]
         assert lv["ratio"] == pytest.approx(lv["http"]["output_tok_s"] / lv["engine"]["output_tok_s"], rel=1e-2)
+        # The started front end's own CPU (in clock ticks of 10 ms: a smoke run may count none).
+        assert lv["http"]["frontend_cpu_us_per_token"] is not None and lv["http"]["frontend_cpu_us_per_token"] >= 0
     # --plot draws a record's PNG later (the GPU machine has no matplotlib), or says what it needs.
     png = path.with_suffix(".png")
     png.unlink(missing_ok=True)
