@@ -97,6 +97,10 @@ def init_group(spec: WorkerSpec, rank: int):
     kwargs: dict[str, Any] = {}
     if spec.device_type == "cuda":
         backend = "nccl"
+        # No user-buffer registration in captured collectives: NCCL requires every rank to pass
+        # registered buffers once one does, and a worker whose capture failed replays that step
+        # eagerly (tp_graphs.py). Set before the communicators exist; a user's value wins.
+        os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")
         torch.cuda.set_device(spec.device(rank))
         kwargs["device_id"] = spec.device(rank)
     else:
