@@ -24,9 +24,6 @@ class StopStrings:
         self._held = ""
         self.matched: str | None = None
 
-    def __bool__(self) -> bool:
-        return bool(self._stops)
-
     def push(self, piece: str) -> str:
         """Add text; return the part that is safe to emit. After a match, `matched` is set and
         every later push returns ''."""

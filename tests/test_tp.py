@@ -227,6 +227,45 @@ def test_tp2_graphs_are_captured_replayed_and_released_on_every_rank():
         eng.close()
 
 
+def test_rank0_sends_only_graphs_it_made():
+    from graphserver.worker.tp_graphs import TPCapturer
+
+    class Group:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, target, method, args, kwargs):
+            self.sent.append((method, args))
+
+    class Local:
+        def __init__(self):
+            self.shareable = set()
+
+        def capture(self, key):
+            if key == 13:
+                raise RuntimeError("capture failed")
+            return ("graph", key)
+
+        def try_share(self, key):
+            return ("shared", key) if key in self.shareable else None
+
+        def release(self, handle):
+            pass
+
+    group, local = Group(), Local()
+    cap = TPCapturer(local, group, "seq")
+    assert cap.try_share(5) is None and group.sent == []        # a lookup that finds nothing
+    h = cap.capture(5)
+    local.shareable.add(6)
+    s = cap.try_share(6)
+    with pytest.raises(RuntimeError):
+        cap.capture(13)
+    cap.release(h)
+    assert group.sent == [("capture", ("seq", 1, 5)), ("capture", ("seq", 2, 6)),
+                          ("capture", ("seq", 3, 13)), ("release", (3,)), ("release", (1,))]
+    assert s.serial == 2 and s.inner == ("shared", 6)
+
+
 def test_a_worker_whose_capture_failed_runs_that_step_eagerly():
     from types import SimpleNamespace
 

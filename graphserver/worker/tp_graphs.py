@@ -57,34 +57,32 @@ class TPCapturer:
         with self._lock:
             return next(self._serials)
 
-    def _mirror(self, key: Any, make: Callable[[Any], Any]) -> Optional[MirroredHandle]:
-        serial = self._serial()
-        self.group.send("graphs", "capture", (self.kind, serial, key), {})
-        try:
-            inner = make(key)
-        except BaseException:
-            self.group.send("graphs", "release", (serial,), {})
-            raise
-        if inner is None:       # nothing to share after all: the workers drop theirs
-            self.group.send("graphs", "release", (serial,), {})
-            return None
-        return MirroredHandle(inner, serial, self.group)
-
     def on_thread_start(self) -> None:
         start = getattr(self.local, "on_thread_start", None)
         if start is not None:
             start()
 
     def capture(self, key: Any) -> MirroredHandle:
-        return self._mirror(key, self.local.capture)
+        serial = self._serial()
+        self.group.send("graphs", "capture", (self.kind, serial, key), {})   # theirs meanwhile
+        try:
+            inner = self.local.capture(key)
+        except BaseException:
+            self.group.send("graphs", "release", (serial,), {})
+            raise
+        return MirroredHandle(inner, serial, self.group)
 
     def try_share(self, key: Any) -> Optional[MirroredHandle]:
+        """Only a key rank 0 can share goes to the workers (most lookups find nothing, and a
+        worker "shares" by capturing: its capturer shares that signature too, since every rank
+        captures the same keys in the same order)."""
         share = getattr(self.local, "try_share", None)
-        if share is None:
+        inner = share(key) if share is not None else None
+        if inner is None:
             return None
-        # A worker "shares" by capturing: its capturer shares the same signature whenever rank 0's
-        # can, since every rank captures the same keys in the same order.
-        return self._mirror(key, share)
+        serial = self._serial()
+        self.group.send("graphs", "capture", (self.kind, serial, key), {})
+        return MirroredHandle(inner, serial, self.group)
 
     def release(self, handle: MirroredHandle) -> None:
         self.group.send("graphs", "release", (handle.serial,), {})
