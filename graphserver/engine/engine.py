@@ -59,6 +59,10 @@ class Engine:
     # ---------------------------------------------------------- what scripts and tests read
 
     @property
+    def source(self):
+        return self.core.source
+
+    @property
     def cfg(self):
         return self.core.cfg
 
