@@ -240,3 +240,12 @@ def test_exhaustion_without_an_idle_session_is_clean_and_says_why(ttl):
 def test_negative_ttl_is_refused():
     with pytest.raises(ValueError, match="session_ttl_s"):
         Engine(model="random:tiny", device="cpu", max_len=64, session_ttl_s=-1.0, log=lambda m: None)
+
+
+def test_facade_exposes_what_the_bench_scripts_read(tiny):
+    """bench_decode / bench_batch read these off the Engine; they run only on the GPU, so a
+    facade attribute lost in a refactor would otherwise surface there first."""
+    assert tiny.source.name == "random:tiny"
+    assert tiny.runner.dtype == torch.float32
+    assert tiny.runner.weight_bytes > 0 and tiny.runner.kv.nbytes > 0
+    assert tiny.cfg.vocab_size > 0
