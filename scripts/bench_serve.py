@@ -45,6 +45,9 @@ def build_parser():
     p.add_argument("--model", help="the engine's --model (default: the engine's default model)")
     p.add_argument("--engine-endpoint", metavar="EP", help="attach to this running engine instead of starting one")
     p.add_argument("--url", help="use this running HTTP server (needs --engine-endpoint, the engine behind it)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory for the HTTP server and the prompt (default: the engine's; a "
+                        "random:<shape> model has none, so give one, e.g. the default model's prepared directory)")
     p.add_argument("--concurrency", default="1,8,32,64", help="comma-separated numbers of concurrent clients")
     p.add_argument("--requests", type=int, default=4, help="requests per client at each concurrency")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
@@ -80,6 +83,10 @@ def parse(argv: list[str]) -> tuple[Any, list[str]]:
         p.error("--url needs --engine-endpoint (the engine's own rate is measured beside it)")
     if args.engine_endpoint and (args.model or engine_args):
         p.error("--engine-endpoint attaches to a running engine; --model and engine arguments are for one it starts")
+    if args.tokenizer and not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+        p.error(f"--tokenizer {args.tokenizer!r}: no tokenizer.json there")
+    if args.tokenizer and args.url:
+        p.error("--tokenizer is for the HTTP server this script starts; --url uses one as it is")
     return args, engine_args
 
 
@@ -262,15 +269,23 @@ def main(argv: list[str] | None = None) -> int:
             engine.__enter__()
             started.append(engine)
             endpoint = engine.endpoint
+        hello = asyncio.run(engine_hello(endpoint))
+        # Before the HTTP server starts: it would refuse a model without a tokenizer too, less plainly.
+        tokenizer = args.tokenizer or hello.get("tokenizer_path")
+        if not tokenizer:
+            raise SystemExit(f"bench_serve: the engine's model {hello.get('model')!r} has no tokenizer; pass --tokenizer DIR")
+        ids = TextTokenizer(tokenizer).encode_plain(args.prompt)
+        if ids and max(ids) >= hello["vocab_size"]:
+            raise SystemExit(f"bench_serve: the prompt's token ids reach {max(ids)}, past the model's vocab of "
+                             f"{hello['vocab_size']}: the tokenizer {tokenizer} does not fit this model")
         url, front_pid = args.url, None
         if url is None:
             proc, url = spawn_process([sys.executable, "-m", "graphserver.cli", "serve", "--engine-endpoint", endpoint,
-                                       "--port", "0", "--exit-with-parent", "--log-level", "WARNING"])
+                                       "--port", "0", "--exit-with-parent", "--log-level", "WARNING",
+                                       *(["--tokenizer", args.tokenizer] if args.tokenizer else [])])
             started.append(proc)
             front_pid = proc.pid
-        hello = asyncio.run(engine_hello(endpoint))
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        ids = TextTokenizer(hello["tokenizer_path"]).encode_plain(args.prompt)
         levels = []
         for conc in args.concurrency:
             cpu0 = process_cpu_s(front_pid)

@@ -34,7 +34,7 @@ phases:
   serve    scripts/bench_serve.py on the default model and on random:llama-3.2-1b (HTTP vs engine)
 
 environment: GRAPHSERVER_GGUF (the staged default-model GGUF), MAX_JOBS (default 16), LOGS, OUT,
-BENCH_ARGS, KERNEL_K
+BENCH_ARGS, KERNEL_K, TOKENIZER (serve's tokenizer for the random model; default: the default model's)
 USAGE
 }
 case "${1:-}" in
@@ -123,7 +123,9 @@ for what in "$@"; do
       ;;
     serve)
       phase bench_serve_default 300 python3 scripts/bench_serve.py
-      phase bench_serve_1b 300 python3 scripts/bench_serve.py --model random:llama-3.2-1b
+      # A random model has no tokenizer: the default model's (its prepared directory) or $TOKENIZER.
+      tok=${TOKENIZER:-$(python3 -c 'from graphserver.prepare import resolve_model; print(resolve_model(None).tokenizer_path)')}
+      phase bench_serve_1b 300 python3 scripts/bench_serve.py --model random:llama-3.2-1b --tokenizer "$tok"
       cp output/bench/serve_*.json output/bench/serve_*.png "$LOGS/" 2>/dev/null
       cp output/bench/serve_*.json output/bench/serve_*.png "$OUT/" 2>/dev/null
       ;;
