@@ -203,11 +203,11 @@ def test_sample_ties_and_neg_inf(dtype, vocab):
     for b in range(rows):
         kind = b % 3
         if kind == 0:
-            # clone: the written range holds the source element, and index_put refuses aliasing
             logits[b, : vocab // 4] = logits[b, 0].clone()
         elif kind == 1:
             top = torch.randperm(vocab, generator=gen)[:5]
             logits[b, top] = logits[b].max() + 1.0
+            # clone: the value is a view into the written row, and torch refuses that aliasing
             logits[b, top[3:]] = logits[b, top[0]].clone()
         masked = torch.randperm(vocab, generator=gen)[: vocab // 3]
         logits[b, masked] = float("-inf")
