@@ -115,6 +115,7 @@ class RemoteUnauthorized(RemoteError, errors.Unauthorized):
 
 _REMOTE_TYPES: Mapping[str, type[RemoteError]] = MappingProxyType({
     "BadRequest": RemoteBadRequest,
+    "ReloadInProgress": RemoteBadRequest,  # a BadRequest engine-side too; .type tells them apart
     "UnknownSession": RemoteUnknownSession,
     "KVExhausted": RemoteKVExhausted,
     "Unavailable": RemoteUnavailable,
@@ -608,12 +609,14 @@ def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def spawn_process(
-    argv: Sequence[str], timeout_s: float = protocol.DEFAULT_SPAWN_TIMEOUT_S, env: Mapping[str, str] | None = None
+    argv: Sequence[str], timeout_s: float = protocol.DEFAULT_SPAWN_TIMEOUT_S, env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> tuple[ServerPopen, str]:
     """Start `argv` and wait for its `READY <endpoint>` stdout line. Lines before it, later stdout
-    and all of stderr go to our stderr. Raises ServerDead (exited first) or RPCTimeout (killed)."""
+    and all of stderr go to our stderr. Raises ServerDead (exited first) or RPCTimeout (killed).
+    pass_fds: file descriptors the child inherits (e.g. a listening socket)."""
     proc = ServerPopen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       env=_child_env(env))
+                       env=_child_env(env), pass_fds=tuple(pass_fds))
     proc.stderr_lines = collections.deque(maxlen=STDERR_TAIL_LINES)
     proc.stderr_thread = threading.Thread(
         target=_forward, args=(proc.stderr, proc.stderr_lines, None), daemon=True, name="server-stderr"

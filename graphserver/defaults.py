@@ -17,6 +17,7 @@ DEFAULT_TP = 1  # tensor-parallel ranks: 1 = one process, no sharding
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_TOKEN_ENV = "GRAPHSERVER_AUTH_TOKEN"  # both ends read the shared token from here
+METRICS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's switch to multiprocess mode
 
 
 def default_kv_blocks(max_len: int, block_size: int) -> int:

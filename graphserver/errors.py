@@ -10,6 +10,10 @@ class BadRequest(EngineError):
     """Malformed or out-of-range parameters (types, token ids, step counts, empty prompts)."""
 
 
+class ReloadInProgress(BadRequest):
+    """A reload came while another is still running (from another front-end process, say)."""
+
+
 class UnknownSession(EngineError):
     """The session id names no live session."""
 

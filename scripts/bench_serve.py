@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import multiprocessing as mp
 import os
+import queue
 import re
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,7 +39,7 @@ from client.aio import AsyncEngineClient
 from client.rpc import ServerProcess, spawn_process
 from graphserver.api.text import TextTokenizer
 
-SMOKE = {"concurrency": [1, 4], "requests": 2, "max_tokens": 8}
+SMOKE = {"concurrency": [1, 4], "requests": 2, "max_tokens": 8, "client_procs": 2}
 QUANTILES = (50, 95, 99)
 
 
@@ -48,13 +51,18 @@ def build_parser():
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer directory for the HTTP server and the prompt (default: the engine's; a "
                         "random:<shape> model has none, so give one, e.g. the default model's prepared directory)")
+    p.add_argument("--api-servers", type=int, default=1, metavar="N",
+                   help="front-end processes of the HTTP server this script starts (its --api-servers)")
     p.add_argument("--concurrency", default="1,8,32,64", help="comma-separated numbers of concurrent clients")
     p.add_argument("--requests", type=int, default=4, help="requests per client at each concurrency")
+    p.add_argument("--client-procs", type=int, default=4,
+                   help="load-generator processes per level, the streams spread over them (fewer when there "
+                   "are fewer streams); one process saturates a core near 15k tokens/s")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     p.add_argument("--prompt", default=_common.default_prompt(), help="the prompt of every request (plain text)")
     p.add_argument("--smoke", action="store_true",
                    help=f"quick CPU mode: concurrency {SMOKE['concurrency']}, {SMOKE['requests']} requests per "
-                   f"client, {SMOKE['max_tokens']} tokens, engine on --device cpu")
+                   f"client, {SMOKE['max_tokens']} tokens, {SMOKE['client_procs']} load generators, engine on --device cpu")
     p.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default: output/bench)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     p.add_argument("--plot", type=Path, metavar="RECORD",
@@ -75,10 +83,14 @@ def parse(argv: list[str]) -> tuple[Any, list[str]]:
         p.error(f"--concurrency must be comma-separated ints, got {args.concurrency!r}")
     if args.smoke:
         args.concurrency, args.requests, args.max_tokens = SMOKE["concurrency"], SMOKE["requests"], SMOKE["max_tokens"]
+        args.client_procs = SMOKE["client_procs"]
         if "--device" not in engine_args and not args.engine_endpoint:
             engine_args += ["--device", "cpu"]
-    if any(c < 1 for c in args.concurrency) or args.requests < 1 or args.max_tokens < 1:
-        p.error("--concurrency, --requests and --max-tokens must be >= 1")
+    if any(c < 1 for c in args.concurrency) or min(args.requests, args.max_tokens, args.client_procs,
+                                                    args.api_servers) < 1:
+        p.error("--concurrency, --requests, --max-tokens, --client-procs and --api-servers must be >= 1")
+    if args.url and args.api_servers != 1:
+        p.error("--api-servers is for the HTTP server this script starts; --url uses one as it is")
     if args.url and not args.engine_endpoint:
         p.error("--url needs --engine-endpoint (the engine's own rate is measured beside it)")
     if args.engine_endpoint and (args.model or engine_args):
@@ -131,22 +143,24 @@ async def http_one(client: httpx.AsyncClient, url: str, body: dict, ttft: list, 
     return int(usage["completion_tokens"])
 
 
-async def http_level(url: str, model: str, prompt: str, conc: int, n: int, max_tokens: int, timeout: float) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+def http_body(model: str, prompt: str, max_tokens: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def http_share(url: str, body: dict, conc: int, n: int, timeout: float, go: Any) -> dict:
+    """`conc` concurrent HTTP streamers, each making `n` requests, once `go` (a barrier) lets them."""
     ttft: list[float] = []
     itl: list[float] = []
     limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        await http_one(client, url, {**body, "max_tokens": 2}, [], [])  # warm-up
+        await http_one(client, url, {**body, "max_tokens": 2}, [], [])  # warm-up (connects)
 
         async def worker() -> int:
             return sum([await http_one(client, url, body, ttft, itl) for _ in range(n)])
 
-        t0 = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(worker() for _ in range(conc))))
-        wall = time.perf_counter() - t0
-    return summarize(ttft, itl, tokens, conc * n, wall)
+        await asyncio.to_thread(go.wait)
+        return await timed(ttft, itl, asyncio.gather(*(worker() for _ in range(conc))))
 
 
 async def engine_one(engine: AsyncEngineClient, ids: list[int], max_tokens: int, ttft: list, itl: list) -> int:
@@ -164,7 +178,9 @@ async def engine_one(engine: AsyncEngineClient, ids: list[int], max_tokens: int,
     return n
 
 
-async def engine_level(endpoint: str, ids: list[int], conc: int, n: int, max_tokens: int, timeout: float) -> dict:
+async def engine_share(endpoint: str, ids: list[int], max_tokens: int, conc: int, n: int, timeout: float,
+                       go: Any) -> dict:
+    """The same workload straight to the engine, over this process's own DEALER socket."""
     ttft: list[float] = []
     itl: list[float] = []
     async with AsyncEngineClient(endpoint, timeout) as engine:
@@ -173,10 +189,63 @@ async def engine_level(endpoint: str, ids: list[int], conc: int, n: int, max_tok
         async def worker() -> int:
             return sum([await engine_one(engine, ids, max_tokens, ttft, itl) for _ in range(n)])
 
-        t0 = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(worker() for _ in range(conc))))
-        wall = time.perf_counter() - t0
-    return summarize(ttft, itl, tokens, conc * n, wall)
+        await asyncio.to_thread(go.wait)
+        return await timed(ttft, itl, asyncio.gather(*(worker() for _ in range(conc))))
+
+
+async def timed(ttft: list, itl: list, work: Any) -> dict:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    tokens = sum(await work)
+    return {"ttft": ttft, "itl": itl, "tokens": tokens, "t0": t0, "t1": time.perf_counter(),
+            "cpu_s": time.process_time() - cpu0}
+
+
+def run_share(side: str, spec: tuple, go: Any, results: Any) -> None:
+    """A load-generator process: one share of the streams of one level (`side` http or engine)."""
+    try:
+        coro = http_share(*spec, go) if side == "http" else engine_share(*spec, go)
+        results.put(asyncio.run(coro))
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent, which fails the run
+        go.abort()
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def shares(conc: int, procs: int) -> list[int]:
+    """Streams per load-generator process: `conc` spread as evenly as `procs` processes allow."""
+    procs = max(1, min(procs, conc))
+    return [conc // procs + (i < conc % procs) for i in range(procs)]
+
+
+def level(side: str, make_spec: Any, conc: int, n: int, procs: int, timeout: float) -> dict:
+    """One concurrency level of one side, its streams spread over load-generator processes (one
+    Python process tops out near 15k streamed tokens/s through httpx: the client must not be the
+    bound). Every process starts at one barrier; wall time runs from the first start to the last end;
+    client_cpu_us_per_token is the processes' CPU, which says whether they kept up."""
+    ctx = mp.get_context("spawn")  # no inherited sockets or threads of this process
+    counts = shares(conc, procs)
+    go, results = ctx.Barrier(len(counts) + 1), ctx.Queue()
+    workers = [ctx.Process(target=run_share, args=(side, make_spec(c), go, results), daemon=True) for c in counts]
+    for w in workers:
+        w.start()
+    try:
+        go.wait(timeout)
+        parts = [results.get(timeout=timeout + 60) for _ in workers]
+    except (threading.BrokenBarrierError, queue.Empty):
+        parts = [results.get_nowait() for _ in range(results.qsize())] or ["a load generator died"]
+    finally:
+        for w in workers:
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+    failed = [p for p in parts if isinstance(p, str)]
+    if failed:
+        raise RuntimeError(f"{side} load generator failed: {failed[0]}")
+    wall = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
+    out = summarize([x for p in parts for x in p["ttft"]], [x for p in parts for x in p["itl"]], tokens, conc * n, wall)
+    out["client_procs"] = len(counts)
+    out["client_cpu_us_per_token"] = round(sum(p["cpu_s"] for p in parts) / tokens * 1e6, 1) if tokens else None
+    return out
 
 
 async def engine_hello(endpoint: str) -> dict:
@@ -189,14 +258,27 @@ async def engine_hello(endpoint: str) -> dict:
 
 
 def process_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of a process so far (Linux /proc), None where unknown."""
+    """User + system CPU seconds so far of a process and its live children (Linux /proc: the extra
+    front-end processes of --api-servers), None where unknown."""
     if pid is None:
         return None
+    def stat(p: int | str) -> list[str]:
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
-    except (OSError, ValueError, IndexError):
+        own = stat(pid)
+    except (OSError, IndexError):
         return None
+    fields = [own]
+    for entry in Path("/proc").iterdir():  # children, whichever of its threads started them
+        if entry.name.isdigit() and entry.name != str(pid):
+            try:
+                f = stat(entry.name)
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if f[1] == str(pid):  # ppid
+                fields.append(f)
+    return sum(int(f[11]) + int(f[12]) for f in fields) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def measure_copy_bandwidth() -> float | None:
@@ -282,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         if url is None:
             proc, url = spawn_process([sys.executable, "-m", "graphserver.cli", "serve", "--engine-endpoint", endpoint,
                                        "--port", "0", "--exit-with-parent", "--log-level", "WARNING",
+                                       "--api-servers", str(args.api_servers),
                                        *(["--tokenizer", args.tokenizer] if args.tokenizer else [])])
             started.append(proc)
             front_pid = proc.pid
@@ -289,17 +372,20 @@ def main(argv: list[str] | None = None) -> int:
         levels = []
         for conc in args.concurrency:
             cpu0 = process_cpu_s(front_pid)
-            h = asyncio.run(http_level(url, model, args.prompt, conc, args.requests, args.max_tokens, args.timeout))
+            h = level("http", lambda c: (url, http_body(model, args.prompt, args.max_tokens), c, args.requests,
+                                         args.timeout), conc, args.requests, args.client_procs, args.timeout)
             cpu1 = process_cpu_s(front_pid)
             # The front end's own CPU per token: whether it can keep up does not depend on the GPU.
             h["frontend_cpu_us_per_token"] = (round((cpu1 - cpu0) / h["tokens"] * 1e6, 1)
                                               if cpu0 is not None and cpu1 is not None and h["tokens"] else None)
-            e = asyncio.run(engine_level(endpoint, ids, conc, args.requests, args.max_tokens, args.timeout))
+            e = level("engine", lambda c: (endpoint, ids, args.max_tokens, c, args.requests, args.timeout),
+                      conc, args.requests, args.client_procs, args.timeout)
             ratio = round(h["output_tok_s"] / e["output_tok_s"], 3) if e["output_tok_s"] else None
             levels.append({"concurrency": conc, "http": h, "engine": e, "ratio": ratio})
             print(f"C={conc:3d}  http {h['output_tok_s']:9.1f} tok/s  TTFT p50 {h['ttft_ms']['p50']} ms  "
-                  f"ITL p50 {h['itl_ms']['p50']} ms  front end {h['frontend_cpu_us_per_token']} us CPU/token | "
-                  f"engine {e['output_tok_s']:9.1f} tok/s | ratio {ratio}",
+                  f"ITL p50 {h['itl_ms']['p50']} ms  CPU/token front end {h['frontend_cpu_us_per_token']} us, "
+                  f"client {h['client_cpu_us_per_token']} us | engine {e['output_tok_s']:9.1f} tok/s "
+                  f"(client {e['client_cpu_us_per_token']} us) | ratio {ratio}",
                   file=sys.stderr, flush=True)
     finally:
         for thing in reversed(started):
@@ -313,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"kind": "serve", "device": device, "backend": hello.get("backend"), "date": now.isoformat(timespec="seconds"),
               "commit": git_commit(), "copy_bandwidth_gbs": copy_gbs, "model": hello.get("model"), "dtype": hello.get("dtype"),
               "max_num_seqs": hello.get("max_num_seqs"), "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests, "smoke": args.smoke, "engine_args": engine_args, "levels": levels}
+              "requests_per_client": args.requests, "client_procs": args.client_procs, "api_servers": args.api_servers, "smoke": args.smoke, "engine_args": engine_args, "levels": levels}
     out = args.out_dir or (output_dir() / "bench")
     out.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{re.sub(r'[^A-Za-z0-9]+', '_', device)}_{now.strftime('%Y%m%d-%H%M%S')}"

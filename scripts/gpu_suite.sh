@@ -31,10 +31,11 @@ phases:
   changed  the kernel tests of what changes most: the sampler's own file (tests/test_sampling_cuda.py)
            and a -k subset of tests/test_kernels_cuda.py (attention, sampling, PDL, GEMV, norms)
   direct   scripts/direct_custom_decode_500.py, capture started after and before kv_init
-  serve    scripts/bench_serve.py on the default model and on random:llama-3.2-1b (HTTP vs engine)
+  serve    scripts/bench_serve.py on the default model and on random:llama-3.2-1b (HTTP vs engine),
+           once per front-end process count in $API_SERVERS (default "1 4")
 
 environment: GRAPHSERVER_GGUF (the staged default-model GGUF), MAX_JOBS (default 16), LOGS, OUT,
-BENCH_ARGS, KERNEL_K, TOKENIZER (serve's tokenizer for the random model; default: the default model's)
+BENCH_ARGS, KERNEL_K, API_SERVERS, TOKENIZER (serve's tokenizer for the random model; default: the default model's)
 USAGE
 }
 case "${1:-}" in
@@ -122,12 +123,15 @@ for what in "$@"; do
       cp output/direct_custom_decode_500.json "$LOGS/direct_500_before.json" 2>/dev/null
       ;;
     serve)
-      phase bench_serve_default 300 python3 scripts/bench_serve.py
       # A random model has no tokenizer: the default model's (its prepared directory) or $TOKENIZER.
       tok=${TOKENIZER:-$(python3 -c 'from graphserver.prepare import resolve_model; print(resolve_model(None).tokenizer_path)')}
-      phase bench_serve_1b 300 python3 scripts/bench_serve.py --model random:llama-3.2-1b --tokenizer "$tok"
-      cp output/bench/serve_*.json output/bench/serve_*.png "$LOGS/" 2>/dev/null
-      cp output/bench/serve_*.json output/bench/serve_*.png "$OUT/" 2>/dev/null
+      for n in ${API_SERVERS:-1 4}; do
+        phase bench_serve_default_api$n 300 python3 scripts/bench_serve.py --api-servers "$n"
+        phase bench_serve_1b_api$n 300 python3 scripts/bench_serve.py --api-servers "$n" --model random:llama-3.2-1b \
+          --tokenizer "$tok"
+      done
+      cp output/bench/serve_*.json "$LOGS/" 2>/dev/null
+      cp output/bench/serve_*.json "$OUT/" 2>/dev/null
       ;;
     bench)
       phase bench_kernels 400 python3 scripts/bench_kernels.py

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from graphserver import protocol
-from graphserver.errors import BadRequest, EngineError, Overloaded
+from graphserver.errors import BadRequest, EngineError, Overloaded, ReloadInProgress
 
 CHECKPOINT_FILE = "fake_weights.json"
 
@@ -268,7 +268,7 @@ class FakeBatchEngine:
 
     def _start_reload(self, envelope: list[bytes], msg_id: Any, p: dict) -> None:
         if self._reload is not None:
-            raise BadRequest("reload: another reload is in progress")
+            raise ReloadInProgress("reload: another reload is in progress")
         offset = load_offset(p["path"])  # validate before pausing anything
         self._reload = {"envelope": envelope, "msg_id": msg_id, "version": p["version"], "offset": offset,
                         "t0": time.monotonic(), "drained": None}
@@ -360,9 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serve the fake batching engine (tests only).")
     p.add_argument("--tokenizer", required=True, help="a directory with tokenizer.json")
     p.add_argument("--endpoint", default="tcp://127.0.0.1:*")
-    p.add_argument("--step-s", type=float, default=0.01)
+    p.add_argument("--step-s", type=float, default=0.01, help="seconds per step (default: 0.01)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="running requests at most (default: 8)")
+    p.add_argument("--max-waiting", type=int, default=16, help="waiting requests at most (default: 16)")
+    p.add_argument("--max-len", type=int, default=256, help="prompt + output tokens at most (default: 256)")
+    p.add_argument("--num-blocks", type=int, default=64, help="KV blocks of 16 tokens (default: 64)")
     args = p.parse_args(argv)
-    engine = FakeBatchEngine(args.tokenizer, args.endpoint, step_s=args.step_s).start()
+    engine = FakeBatchEngine(args.tokenizer, args.endpoint, step_s=args.step_s, max_num_seqs=args.max_num_seqs,
+                             max_waiting=args.max_waiting, max_len=args.max_len, num_blocks=args.num_blocks).start()
     print(f"{protocol.READY_PREFIX}{engine.endpoint}", flush=True)
     while not engine.wait_stopped(1.0):
         pass

@@ -450,6 +450,33 @@ def test_reload_under_load_and_bad_checkpoint(stack, tok, tmp_path):
     assert r.status_code == 400 and _error(r)["param"] == "version"
 
 
+def test_reload_through_one_front_end_is_seen_by_another(stack, tok, tmp_path):
+    """Two front ends on one engine (as --api-servers runs them): a reload sent to one while the
+    other's reload runs is a 409, not a bad checkpoint; the other learns the new version from the
+    engine (its /health, its /metrics, its responses' header)."""
+    engine, api = stack(step_s=0.005, reload_copy_s=0.4, max_num_seqs=4)
+    other = ApiThread(engine.endpoint)
+    try:
+        ckpt = write_checkpoint(str(tmp_path / "b"), offset=1)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, api.url + "/reload", json={"path": ckpt, "version": "B"}, timeout=30)
+            while engine._reload is None:  # until the engine holds the first reload
+                assert not first.done(), first.result().text
+                time.sleep(0.005)
+            second = httpx.post(other.url + "/reload", json={"path": ckpt, "version": "B2"}, timeout=30)
+            assert second.status_code == 409 and _error(second)["code"] == "reload_in_progress", second.text
+            assert first.result().status_code == 200
+        r = httpx.get(other.url + "/health", timeout=10)
+        assert r.status_code == 200 and r.json()["model_version"] == "B" and r.headers["x-model-version"] == "B"
+        assert _value(_metrics(other.url), "graphserver_model_info", name="fake-batch", version="B") == 1.0
+        prompt = "after"
+        r = httpx.post(other.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 5}, timeout=30)
+        assert r.headers["x-model-version"] == "B"
+        assert r.json()["choices"][0]["text"] == expected_text(engine, tok, tok.encode_plain(prompt), 5, 1)
+    finally:
+        other.stop()
+
+
 class _HeldLauncher(AttachLauncher):
     """Attaches only once `release` is set: the engine is "loading" until then."""
 

@@ -1,10 +1,14 @@
 """`graphserver serve` as a process: the READY line, attaching to an engine, clean exits, and
 one-line errors with exit code 2 for command-line mistakes."""
 
+import contextlib
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -105,12 +109,14 @@ def test_bench_serve_smoke_writes_a_record(default_model_dir, tmp_path):
     [path] = tmp_path.glob("serve_*.json")
     record = json.loads(path.read_text())
     assert record["device"] == "cpu" and record["commit"] and record["date"] and record["smoke"] is True
+    assert record["client_procs"] == 2 and record["api_servers"] == 1
     assert [lv["concurrency"] for lv in record["levels"]] == [1, 4]
     for lv in record["levels"]:
         for side in ("http", "engine"):
             s = lv[side]
             assert s["tokens"] == lv["concurrency"] * 2 * 8 and s["requests"] == lv["concurrency"] * 2
             assert s["output_tok_s"] > 0 and s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["p50"]
+            assert s["client_procs"] == min(lv["concurrency"], 2) and s["client_cpu_us_per_token"] > 0
         assert lv["ratio"] == pytest.approx(lv["http"]["output_tok_s"] / lv["engine"]["output_tok_s"], rel=1e-2)
         # The started front end's own CPU (in clock ticks of 10 ms: a smoke run may count none).
         assert lv["http"]["frontend_cpu_us_per_token"] is not None and lv["http"]["frontend_cpu_us_per_token"] >= 0
@@ -170,3 +176,68 @@ def test_bench_serve_random_model_needs_a_fitting_tokenizer(default_model_dir, t
         r = bench(*extra)
         assert r.returncode == rc and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not list(tmp_path.glob("serve_*.json"))
+
+
+
+def _children(pid):
+    """Live child pids of `pid` (whichever of its threads started them)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[1] == str(pid):
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_api_servers_share_the_port_and_the_metrics(default_model_dir):
+    """--api-servers 2: a second front-end process serves the same port, attached to the same engine.
+    With the first one stopped (SIGSTOP) requests still get answers, so the second one serves; a
+    scrape of either counts both processes' requests; SIGTERM ends both."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with FakeBatchEngine(str(default_model_dir), step_s=0.002) as engine:
+        proc, url = spawn_process(SERVE + ["--engine-endpoint", engine.endpoint, "--port", "0", "--exit-with-parent",
+                                           "--api-servers", "2", "--log-level", "WARNING"],
+                                  timeout_s=90, env=child_env())
+        extra = _children(proc.pid)
+        try:
+            assert len(extra) == 1, extra
+
+            def complete():
+                with httpx.Client(timeout=30) as c:  # a fresh connection: either process may take it
+                    r = c.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 6, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            first = complete()
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                alone = [complete() for _ in range(5)]  # only the extra process can accept now
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            assert first and alone == [first] * 5  # greedy: the same text from either process
+            assert sum(method == "generate" for method, _ in engine.calls) == 6
+            for _ in range(4):  # whichever process answers the scrape, it counts all six requests
+                text = httpx.get(url + "/metrics", timeout=10).text
+                families = {f.name: f for f in text_string_to_metric_families(text)}
+                done = [s.value for s in families["graphserver_requests"].samples if s.name.endswith("_total")]
+                tokens = [s.value for s in families["graphserver_generation_tokens"].samples
+                          if s.name.endswith("_total")]
+                assert done == [6.0] and tokens == [36.0], text
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{extra[0]}") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not os.path.exists(f"/proc/{extra[0]}"), "the extra front-end process outlived the first"
+        finally:
+            for pid in extra:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)

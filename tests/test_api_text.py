@@ -142,3 +142,29 @@ def test_stop_strings_hold_back_only_possible_prefixes():
     assert s.push("later") == "" and s.flush() == ""
     plain = StopStrings([])
     assert plain.push("abc") == "abc" and plain.flush() == ""
+
+
+def test_sse_template_writes_the_bytes_of_the_full_event():
+    """The per-token SSE builder (a rendered placeholder filled by joins) against the pydantic path,
+    on random texts: quotes, backslashes, control characters, NULs, the placeholder's own letters."""
+    from graphserver.api import schemas
+    from graphserver.api.app import sse, sse_template
+
+    rng, seed = _rng()
+    alphabet = ALPHABET + ['"', "\\", "\x00", "\t", "\u2028", "text", "\\u0000", "}", "{"]
+
+    def completion(text):
+        return sse(schemas.CompletionChunk(id="cmpl-1", created=7, model='m"1',
+                                           choices=[schemas.CompletionChoice(text=text)]), include_usage=False)
+
+    def chat(text):
+        return sse(schemas.ChatCompletionChunk(id="chatcmpl-2", created=9, model="m",
+                                               choices=[schemas.ChatChunkChoice(delta=schemas.ChatDelta(content=text))]))
+
+    for full in (completion, chat):
+        fast = sse_template(full)
+        for _ in range(200):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+            assert fast(text) == full(text), (seed, text)
+    with pytest.raises(ValueError):
+        sse_template(lambda text: f"data: {text}\n\n")  # the text is not in it as JSON

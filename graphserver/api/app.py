@@ -146,6 +146,17 @@ def sse(obj: BaseModel | dict, include_usage: bool = True) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+_HOLE = json.dumps("\x00text\x00")  # the placeholder as JSON holds it: "\\u0000text\\u0000"
+
+
+def sse_template(event: Callable[[str], str]) -> Callable[[str], str]:
+    """The per-token event builder: `event(text)` rendered once around a placeholder, then filled by
+    string joins. Same bytes as `event(text)` for every text (tested), at a few percent of the cost of
+    a pydantic model and a dict walk per token, which was a tenth of the front end's CPU at 64 streams."""
+    pre, sep, post = event(json.loads(_HOLE)).partition(_HOLE)
+    if not sep or _HOLE in post:
+        raise ValueError("the event does not hold its text exactly once")
+    return lambda text: f"{pre}{json.dumps(text, ensure_ascii=False)}{post}"
 
 
 # -------------------------------------------------------------------------------------------
@@ -248,11 +259,14 @@ def _completion_routes(app: FastAPI, state: ApiState) -> None:
                 choices=[schemas.CompletionChoice(text=text, finish_reason=reason)]), include_usage)
 
         async def events(run: _Run, rid: str, created: int) -> AsyncIterator[str]:
+            text_event = sse_template(lambda text: chunk(rid, created, text, None))
             try:
                 async with contextlib.aclosing(run.pieces):
                     async for piece in run.rest():
-                        if piece.text or piece.finish_reason is not None:
+                        if piece.finish_reason is not None:
                             yield chunk(rid, created, piece.text, piece.finish_reason)
+                        elif piece.text:
+                            yield text_event(piece.text)
                         if piece.finish_reason is not None and include_usage:
                             yield sse(schemas.CompletionChunk(id=rid, created=created, model=st.model_name,
                                                               choices=[], usage=_usage(piece)))
@@ -284,11 +298,12 @@ def _completion_routes(app: FastAPI, state: ApiState) -> None:
 
         async def events(run: _Run, rid: str, created: int) -> AsyncIterator[str]:
             yield chunk(rid, created, schemas.ChatDelta(role="assistant", content=""), None)
+            text_event = sse_template(lambda text: chunk(rid, created, schemas.ChatDelta(content=text), None))
             try:
                 async with contextlib.aclosing(run.pieces):
                     async for piece in run.rest():
                         if piece.text:
-                            yield chunk(rid, created, schemas.ChatDelta(content=piece.text), None)
+                            yield text_event(piece.text)
                         if piece.finish_reason is not None:
                             yield chunk(rid, created, schemas.ChatDelta(), piece.finish_reason)
                             if include_usage:
@@ -341,8 +356,6 @@ def _service_routes(app: FastAPI, state: ApiState) -> None:
             return JSONResponse({"status": "engine unavailable"}, status_code=503)
         if status.get("reloading"):
             return JSONResponse({"status": "reloading"}, status_code=503)
-        if "model_version" in status:
-            state.set_version(str(status["model_version"]))
         return JSONResponse({"status": "ok", "model": state.model_name, "model_version": state.model_version})
 
     @app.get("/metrics")

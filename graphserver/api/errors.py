@@ -36,6 +36,8 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def from_engine(exc: RPCError) -> ApiError:
     """An engine failure as the HTTP error a client should see."""
     if isinstance(exc, RemoteError):
+        if exc.type == "ReloadInProgress":
+            return ApiError(409, exc.message, INVALID_REQUEST, code="reload_in_progress")
         if exc.type == "BadRequest":
             return ApiError(400, exc.message, INVALID_REQUEST)
         if exc.type in ("Overloaded", "KVExhausted"):

@@ -2,14 +2,23 @@
 
 Latencies and token counts are measured here, per request. Engine-side figures (running and
 waiting requests, KV usage, graph stats, engine totals) come from the engine's `status`, fetched
-when /metrics is scraped, and are exported by a collector from that latest snapshot."""
+when /metrics is scraped, and are exported by a collector from that latest snapshot.
+
+With PROMETHEUS_MULTIPROC_DIR set (`serve --api-servers N`), the per-request metrics live in
+prometheus_client's shared files and a scrape of any front-end process sums every process's; the
+engine snapshot and the model version are that process's own (fresh from the engine at the scrape)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+
+from graphserver import defaults
+
+MULTIPROC_ENV = defaults.METRICS_MULTIPROC_ENV
 
 PREFIX = "graphserver"
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -23,11 +32,14 @@ class _EngineCollector:
     def __init__(self) -> None:
         self.status: dict[str, Any] | None = None
         self.up = False
+        self.model: dict[str, str] = {}  # name, version
 
     def describe(self) -> list[Metric]:
         return []  # values appear only once a snapshot exists; no fixed description needed
 
     def collect(self) -> Iterator[Metric]:
+        if self.model:  # not a prometheus_client Info: those do not work in multiprocess mode
+            yield InfoMetricFamily(f"{PREFIX}_model", "the model served and its weights version", value=self.model)
         yield GaugeMetricFamily(f"{PREFIX}_engine_up", "1 when the last engine status call succeeded",
                                 value=1.0 if self.up else 0.0)
         st = self.status
@@ -79,13 +91,20 @@ class Metrics:
                                 registry=r)
         self.errors = Counter(f"{PREFIX}_request_errors", "requests answered with an error", ["status"], registry=r)
         self.in_flight = Gauge(f"{PREFIX}_http_requests_in_flight", "generation requests the front end is serving",
-                               registry=r)
-        self.model = Info(f"{PREFIX}_model", "the model served and its weights version", registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.engine = _EngineCollector()
-        r.register(self.engine)
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        if self.multiprocess_dir is None:
+            r.register(self.engine)
+        else:
+            # What a scrape reads: every process's files, not this process's registry (that would
+            # count its own samples twice), plus this process's engine snapshot.
+            self.scrape = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.scrape, self.multiprocess_dir)
+            self.scrape.register(self.engine)
 
     def set_model(self, name: str, version: str) -> None:
-        self.model.info({"name": name, "version": version})
+        self.engine.model = {"name": name, "version": version}
 
     def set_engine_status(self, status: dict | None) -> None:
         self.engine.up = status is not None
@@ -93,4 +112,4 @@ class Metrics:
             self.engine.status = status
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if self.multiprocess_dir is None else self.scrape)

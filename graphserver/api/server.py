@@ -2,7 +2,9 @@
 
 It binds its port first (so /health answers 503 while the engine loads), then starts the engine
 (`python -m graphserver`) or attaches to one, and prints exactly one line on stdout,
-`READY http://HOST:PORT`, once it serves. Logs go to stderr."""
+`READY http://HOST:PORT`, once it serves. Logs go to stderr. With --api-servers N it also starts
+N-1 more front-end processes on the same socket once the engine is up (graphserver.api.workers),
+and is ready when they all are."""
 
 from __future__ import annotations
 
@@ -10,16 +12,20 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
-from typing import Sequence
+import tempfile
+from typing import Any, Sequence
 
 import uvicorn
 
 from graphserver import argtypes, defaults, protocol
-from graphserver.api.app import create_app
-from graphserver.api.service import ApiSettings, ApiState, AttachLauncher, EngineLauncher, SpawnLauncher
+
+# The app modules (graphserver.api.app, .service, .workers) import prometheus_client, which picks
+# its single- or multi-process mode at import: they are imported in main() after that is decided.
+MULTIPROC_ENV = defaults.METRICS_MULTIPROC_ENV
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -50,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attach to a running engine at this ZeroMQ endpoint instead of starting one")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"0 picks a free port (default: {DEFAULT_PORT})")
+    p.add_argument("--api-servers", type=argtypes.positive_int, default=1, metavar="N",
+                   help="front-end processes serving the port, each attached to the engine: one process's CPU "
+                   "bounds it near 12-20k streamed tokens/s (default: 1)")
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # an extra worker's inherited socket
     p.add_argument("--tokenizer", metavar="DIR",
                    help="tokenizer directory (tokenizer.json, tokenizer_config.json) (default: the engine's "
                    "tokenizer_path from its hello)")
@@ -86,6 +96,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.engine_endpoint and args.engine_endpoint.startswith("ipc://") and not os.path.exists(
             args.engine_endpoint[len("ipc://"):]):
         raise UsageError(f"--engine-endpoint {args.engine_endpoint}: no engine socket there")
+    if args.listen_fd is not None and (args.api_servers > 1 or not args.engine_endpoint):
+        raise UsageError("--listen-fd is for the extra workers that --api-servers starts")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.model and not args.model.startswith("random:") and not os.path.isdir(args.model):
@@ -144,9 +156,23 @@ async def _serve(server: uvicorn.Server, sock: socket.socket, parent_pid: int | 
             watcher.cancel()
 
 
-def run(launcher: EngineLauncher, sock: socket.socket, settings: ApiSettings, *, access_log: bool = False,
+def inherited(fd: int) -> socket.socket:
+    """An extra worker's listening socket, inherited from the first front-end process."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise UsageError(f"--listen-fd {fd}: not a socket ({e.strerror or e})") from None
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
+        raise UsageError(f"--listen-fd {fd}: not a listening socket")
+    return sock
+
+
+def run(launcher: Any, sock: socket.socket, settings: Any, *, access_log: bool = False,
         parent_pid: int | None = None) -> int:
     """Serve until SIGINT/SIGTERM (or the parent's death); 1 when the engine failed to start."""
+    from graphserver.api.app import create_app
+    from graphserver.api.service import ApiState
+
     url = url_of(sock)
     state = ApiState(settings, launcher)
     config = uvicorn.Config(create_app(state), log_config=None, access_log=access_log, lifespan="on",
@@ -166,22 +192,52 @@ def run(launcher: EngineLauncher, sock: socket.socket, settings: ApiSettings, *,
     # instead of a death by signal or a KeyboardInterrupt traceback.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: None)
-    asyncio.run(_serve(server, sock, parent_pid))
+    # uvicorn's loop choice (uvloop when installed); asyncio.Runner takes a factory from 3.11 on.
+    factory = config.get_loop_factory()
+    if factory is None or sys.version_info < (3, 11):
+        asyncio.run(_serve(server, sock, parent_pid))
+    else:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_serve(server, sock, parent_pid))
     return 1 if state.phase == "failed" or state.error else 0
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    """The options an extra worker shares with the first process (it attaches; it starts nothing)."""
+    out = ["--engine-timeout", str(args.engine_timeout), "--log-level", args.log_level,
+           "--access-log" if args.access_log else "--no-access-log"]
+    for flag, value in (("--tokenizer", args.tokenizer), ("--served-model-name", args.served_model_name)):
+        if value:
+            out += [flag, value]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, engine_args = parse_args(sys.argv[1:] if argv is None else argv)
-        sock = listen(args.host, args.port)
+        sock = inherited(args.listen_fd) if args.listen_fd is not None else listen(args.host, args.port)
     except UsageError as e:
         print(f"graphserver serve: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    launcher: EngineLauncher = (AttachLauncher(args.engine_endpoint) if args.engine_endpoint else
-                                SpawnLauncher(args.model, engine_args, args.spawn_timeout))
-    settings = ApiSettings(served_model_name=args.served_model_name, tokenizer_path=args.tokenizer,
-                           call_timeout_s=args.engine_timeout)
-    return run(launcher, sock, settings, access_log=args.access_log,
-               parent_pid=os.getppid() if args.exit_with_parent else None)
+    made_dir = None
+    if args.api_servers > 1 and not os.environ.get(MULTIPROC_ENV):
+        # Before the app modules import prometheus_client; the extra workers inherit it.
+        made_dir = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="graphserver-metrics-")
+    try:
+        from graphserver.api.service import ApiSettings, AttachLauncher, EngineLauncher, SpawnLauncher
+        from graphserver.api.workers import ExtraWorkers, WithExtraWorkers
+
+        launcher: EngineLauncher = (AttachLauncher(args.engine_endpoint) if args.engine_endpoint else
+                                    SpawnLauncher(args.model, engine_args, args.spawn_timeout))
+        if args.api_servers > 1:
+            launcher = WithExtraWorkers(launcher, ExtraWorkers(args.api_servers - 1, sock, worker_args(args),
+                                                               args.spawn_timeout))
+        settings = ApiSettings(served_model_name=args.served_model_name, tokenizer_path=args.tokenizer,
+                               call_timeout_s=args.engine_timeout)
+        return run(launcher, sock, settings, access_log=args.access_log,
+                   parent_pid=os.getppid() if args.exit_with_parent else None)
+    finally:
+        if made_dir is not None:
+            shutil.rmtree(made_dir, ignore_errors=True)

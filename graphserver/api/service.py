@@ -172,6 +172,8 @@ class ApiState:
             self.metrics.set_engine_status(None)
             return None
         self.metrics.set_engine_status(status)
+        if "model_version" in status:  # another front-end process may have run the reload
+            self.set_version(str(status["model_version"]))
         return status
 
     # -- one request --------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ..core.block_allocator import BlockAllocator
 from ..core.outputs import RequestOutput
 from ..core.request import Request
 from ..core.scheduler import Scheduler
-from ..errors import BadRequest
+from ..errors import BadRequest, ReloadInProgress
 from ..prepare import resolve_model
 from ..tracing import Tracer
 from ..worker.device import pick_device, pick_dtype
@@ -204,7 +204,7 @@ class EngineCore:
         the weights are copied into the same arena and the version is bumped.
         """
         if self.reload_pending is not None:
-            raise BadRequest(f"a reload to version {self.reload_pending.version!r} is in progress")
+            raise ReloadInProgress(f"a reload to version {self.reload_pending.version!r} is in progress")
         if not version:
             raise BadRequest("reload: version must be a non-empty string")
         if not drain_timeout_s >= 0:
