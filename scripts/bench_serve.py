@@ -15,6 +15,7 @@ machine that has matplotlib (the GPU machine has none)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import json
@@ -58,6 +59,9 @@ def build_parser():
     p.add_argument("--client-procs", type=int, default=4,
                    help="load-generator processes per level, the streams spread over them (fewer when there "
                    "are fewer streams); one process saturates a core near 15k tokens/s")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="first run every level once straight to the engine, unmeasured, so both sides meet "
+                   "an engine whose batched graphs are captured")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
     p.add_argument("--prompt", default=_common.default_prompt(), help="the prompt of every request (plain text)")
     p.add_argument("--smoke", action="store_true",
@@ -369,6 +373,14 @@ def main(argv: list[str] | None = None) -> int:
             started.append(proc)
             front_pid = proc.pid
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        if args.warmup:
+            # The engine captures batched graphs while it serves: its first pass at each batch size
+            # runs partly eager. Without this, whichever side went first at a level was measured
+            # against a slower engine (on the H200: engine-direct 10.8k tok/s at 64 streams first,
+            # 13.2k three runs later).
+            for conc in args.concurrency:
+                level("engine", lambda c: (endpoint, ids, args.max_tokens, c, 1, args.timeout),
+                      conc, 1, args.client_procs, args.timeout)
         levels = []
         for conc in args.concurrency:
             cpu0 = process_cpu_s(front_pid)
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"kind": "serve", "device": device, "backend": hello.get("backend"), "date": now.isoformat(timespec="seconds"),
               "commit": git_commit(), "copy_bandwidth_gbs": copy_gbs, "model": hello.get("model"), "dtype": hello.get("dtype"),
               "max_num_seqs": hello.get("max_num_seqs"), "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests, "client_procs": args.client_procs, "api_servers": args.api_servers, "smoke": args.smoke, "engine_args": engine_args, "levels": levels}
+              "requests_per_client": args.requests, "client_procs": args.client_procs, "api_servers": args.api_servers, "warmup": args.warmup, "smoke": args.smoke, "engine_args": engine_args, "levels": levels}
     out = args.out_dir or (output_dir() / "bench")
     out.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{re.sub(r'[^A-Za-z0-9]+', '_', device)}_{now.strftime('%Y%m%d-%H%M%S')}"
