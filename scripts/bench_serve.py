@@ -11,7 +11,7 @@ By default it starts an engine (`python -m graphserver`, arguments after a lone 
 still starts the HTTP server); --url with --engine-endpoint uses both as they are.
 Writes output/bench/serve_<device>_<date>.json, and a .png beside it when matplotlib is installed.
 --smoke: a quick CPU run with small counts. --plot RECORD.json draws a record's PNG later, on a
-machine that has matplotlib (the GPU machine has none)."""
+machine that has matplotlib."""
 
 from __future__ import annotations
 

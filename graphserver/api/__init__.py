@@ -6,4 +6,4 @@ and ships in the same distribution; it is torch-free, so importing it never impo
 Modules: schemas (pydantic types), text (tokenizer, chat template, detokenizer; stop strings are
 graphserver.stops, shared with the CLI client),
 params (request -> engine params), service (engine link and one request's text stream), metrics,
-app (FastAPI routes), server (`graphserver serve`)."""
+app (FastAPI routes), server (`graphserver serve`), workers (its --api-servers processes)."""
