@@ -2,6 +2,7 @@
 official `openai` client: routes, streaming, stops, errors, metrics, disconnects, reload."""
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import threading
@@ -448,6 +449,40 @@ def test_reload_under_load_and_bad_checkpoint(stack, tok, tmp_path):
     assert httpx.get(api.url + "/health").status_code == 200
     r = httpx.post(api.url + "/reload", json={"path": str(bad)}, timeout=30)
     assert r.status_code == 400 and _error(r)["param"] == "version"
+
+
+def test_reload_under_32_streams_fails_none(stack, tok, tmp_path):
+    """The issue's target at its own size: 32 streams in flight while the weights switch, and 32
+    more sent during the switch. None fails, and each text is what its header's version gives."""
+    engine, api = stack(step_s=0.003, reload_copy_s=0.2, max_num_seqs=32, max_waiting=64, num_blocks=256)
+    ckpt = write_checkpoint(str(tmp_path / "b"), offset=3)
+    prompt, n = "Thirty-two at once", 10
+    ids = tok.encode_plain(prompt)
+    want = {"0": expected_text(engine, tok, ids, n, 0), "B": expected_text(engine, tok, ids, n, 3)}
+    assert want["0"] != want["B"]
+    client = api.openai()
+
+    def one_stream():
+        with client.completions.with_streaming_response.create(
+                model="fake-batch", prompt=prompt, max_tokens=n, temperature=0, stream=True) as resp:
+            return resp.headers["x-model-version"], "".join(c.choices[0].text for c in resp.parse())
+
+    with concurrent.futures.ThreadPoolExecutor(66) as pool:
+        streams = [pool.submit(one_stream) for _ in range(32)]
+        while engine.counters["steps"] < 2:  # the first streams are running
+            time.sleep(0.002)
+        reload_b = pool.submit(httpx.post, api.url + "/reload", json={"path": ckpt, "version": "B"}, timeout=60)
+        while engine._reload is None and not reload_b.done():
+            time.sleep(0.002)
+        streams += [pool.submit(one_stream) for _ in range(32)]  # wait behind the switch
+        r = reload_b.result()
+        assert r.status_code == 200, r.text
+        results = [f.result() for f in streams]  # raises if any request failed
+    assert len(results) == 64
+    for version, text in results:
+        assert text == want[version], (version, text)
+    counts = collections.Counter(v for v, _ in results)
+    assert counts["0"] >= 1 and counts["B"] >= 32, counts
 
 
 def test_reload_through_one_front_end_is_seen_by_another(stack, tok, tmp_path):
