@@ -55,7 +55,10 @@ def build_parser():
     p.add_argument("--api-servers", type=int, default=1, metavar="N",
                    help="front-end processes of the HTTP server this script starts (its --api-servers)")
     p.add_argument("--concurrency", default="1,8,32,64", help="comma-separated numbers of concurrent clients")
-    p.add_argument("--requests", type=int, default=4, help="requests per client at each concurrency")
+    p.add_argument("--requests", type=int, default=16,
+                   help="requests per client at each concurrency: enough that a level's ramp-up and its tail, "
+                   "where fewer than C streams run, weigh little (at 4, one 64-stream level lasted 2-3 s and "
+                   "its HTTP/engine ratio moved 0.87-0.95 between runs)")
     p.add_argument("--client-procs", type=int, default=4,
                    help="load-generator processes per level, the streams spread over them (fewer when there "
                    "are fewer streams); one process saturates a core near 15k tokens/s")

@@ -62,6 +62,7 @@ class FakeEngine:
             "capabilities": {"graphs": False}, "vocab_size": self.vocab_size,
             "eos_token_ids": self.eos_token_ids, "max_len": self.max_len, "tokenizer_path": self.tokenizer_path,
             "ctor_kwargs": {k: v for k, v in self.ctor_kwargs.items() if isinstance(v, (str, int, float))},
+            "model_version": getattr(self, "model_version", "0"),
         }
 
     def status(self) -> dict:

@@ -512,6 +512,23 @@ def test_reload_through_one_front_end_is_seen_by_another(stack, tok, tmp_path):
         other.stop()
 
 
+def test_a_reload_from_outside_reaches_the_header_of_every_response(stack, tmp_path):
+    """Weights reloaded over ZeroMQ by someone else (another front-end process, graphclient): the
+    front end learns the version from its hello poll, so even responses that made no tokens (here
+    /v1/models) name it soon after, without a generation, /health or /metrics call in between."""
+    engine, api = stack(step_s=0.005, reload_copy_s=0.05)
+    models = lambda: httpx.get(api.url + "/v1/models", timeout=10).headers["x-model-version"]  # noqa: E731
+    assert models() == "0"
+    with RPCClient(engine.endpoint, timeout_s=10.0) as c:
+        assert c.call("reload", path=write_checkpoint(str(tmp_path / "b"), offset=1), version="B",
+                      drain_timeout_s=5.0)["model_version"] == "B"
+    t0 = time.monotonic()
+    while (seen := models()) != "B":
+        assert time.monotonic() - t0 < 5 * api.state.settings.version_poll_s + 2.0, seen
+        time.sleep(0.05)
+    assert _value(_metrics(api.url), "graphserver_model_info", name="fake-batch", version="B") == 1.0
+
+
 class _HeldLauncher(AttachLauncher):
     """Attaches only once `release` is set: the engine is "loading" until then."""
 

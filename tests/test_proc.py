@@ -366,3 +366,18 @@ def test_no_busy_spin_while_a_request_waits_for_session_blocks(serve, peers):
     assert all(x["id"] == gen for x in replies)
     assert sum(len(x["result"]["tokens"]) for x in replies) == 4
     assert idle_calls < 200, f"{idle_calls} run_step calls in 1 s with nothing to run"
+
+
+def test_hello_names_the_version_a_reload_switched_to(serve, peers, tmp_path):
+    """hello is answered from a cache on the IO thread; a reload (answered later, from a step)
+    must refresh it before its answer leaves, or every front end that polls hello for the model
+    version keeps naming the old weights."""
+    s = serve(FakeEngine())
+    p = peers(s.endpoint)
+    assert p.call("hello")["result"]["model_version"] == "0"
+    r = p.call("reload", {"path": str(tmp_path), "version": "B"})
+    assert r["ok"] and r["result"]["model_version"] == "B", r
+    assert p.call("hello")["result"]["model_version"] == "B"
+    bad = p.call("reload", {"path": str(tmp_path / "missing"), "version": "C"})
+    assert error_type(bad) == "BadRequest"
+    assert p.call("hello")["result"]["model_version"] == "B"

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_VERSION = "unknown"
 HELLO_TIMEOUT_S = 15.0
+VERSION_POLL_S = 0.5
 
 
 @dataclass
@@ -88,6 +89,10 @@ class ApiSettings:
     tokenizer_path: str | None = None  # default: the engine's tokenizer_path
     call_timeout_s: float = protocol.DEFAULT_CALL_TIMEOUT_S
     health_timeout_s: float = 5.0
+    # How often the engine's hello is asked for the model version: another front-end process, or
+    # any ZeroMQ client, may have reloaded the weights. The engine answers hello on its IO thread,
+    # without waiting for a step, so this costs the engine nothing. 0: only what replies say.
+    version_poll_s: float = VERSION_POLL_S
     on_ready: Callable[[], None] | None = None
     on_fatal: Callable[[str], None] | None = None
 
@@ -108,6 +113,7 @@ class ApiState:
     created: int = field(default_factory=lambda: int(time.time()))
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     reloading: bool = False
+    version_watch: asyncio.Task | None = None
 
     async def load(self) -> None:
         """Start or attach to the engine, say hello, load the tokenizer; then ready (or failed)."""
@@ -134,6 +140,8 @@ class ApiState:
         self.limits = ModelLimits(vocab_size=int(hello["vocab_size"]), max_len=int(hello["max_len"]))
         self.set_version(str(hello.get("model_version", "0")))
         self.phase = "ready"
+        if self.settings.version_poll_s > 0:
+            self.version_watch = asyncio.create_task(self._watch_version(), name="version-watch")
         log.info("serving %s (version %s) from %s", self.model_name, self.model_version, self.engine.endpoint)
         if self.settings.on_ready is not None:
             self.settings.on_ready()
@@ -148,8 +156,27 @@ class ApiState:
         if version is not None and version < protocol.PROTOCOL_VERSION:
             raise ValueError(f"the engine speaks protocol {version}; generate needs {protocol.PROTOCOL_VERSION}")
 
+    async def _watch_version(self) -> None:
+        """Keep model_version (the header of responses that made no tokens, the version metric)
+        within version_poll_s of the engine's, whoever reloaded it."""
+        assert self.engine is not None
+        period = self.settings.version_poll_s
+        while True:
+            await asyncio.sleep(period)
+            try:
+                hello = await self.engine.hello(timeout_s=max(period, 1.0))
+            except RPCError as e:  # /health reports an engine that stopped answering
+                log.debug("version poll failed: %s", e)
+                continue
+            if "model_version" in hello:
+                self.set_version(str(hello["model_version"]))
+
     async def close(self) -> None:
         self.phase = "closed"
+        if self.version_watch is not None:
+            self.version_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.version_watch
         try:
             await self.launcher.stop(self.engine)
         finally:

@@ -340,7 +340,9 @@ class EngineProc:
                     self._engine.generate(self._replier(env, msg_id), **item.params)
                     return
                 if method in DEFERRED_METHODS:
-                    getattr(self._engine, method)(self._replier(env, msg_id),
+                    # The answer may change what hello says (reload: the model version), and
+                    # hello is answered from a cache on the IO thread: refresh it with the answer.
+                    getattr(self._engine, method)(self._replier(env, msg_id, refresh_hello=True),
                                                   self._error_replier(env, msg_id), **item.params)
                     return
                 result = getattr(self._engine, method)(**item.params)
@@ -371,8 +373,10 @@ class EngineProc:
         self._log.info("%s %s: %s%.1f ms%s", item.method, who,
                        f"{n_in} tokens in, " if n_in else "", ms, extra)
 
-    def _replier(self, env: list[bytes], msg_id: Any):
+    def _replier(self, env: list[bytes], msg_id: Any, refresh_hello: bool = False):
         def reply(result: dict, more: bool = False) -> None:
+            if refresh_hello and not more:
+                self._refresh_hello()  # before the answer leaves: a hello sent after it sees it
             self._send(env, protocol.make_ok(msg_id, result, more=more))
         return reply
 
