@@ -1,9 +1,11 @@
 """Benchmark the HTTP front end with N concurrent streaming clients, beside the engine's own rate.
 
 For each concurrency C, C clients each stream --requests completions (the same prompt, --max-tokens
-tokens, ignore_eos so every request makes exactly that many) from `graphserver serve`. Then the
-same workload goes straight to the engine through client/aio.py `generate`. Both report TTFT and
-inter-token latency p50/p95/p99, output tok/s and requests/s; `ratio` is HTTP tok/s over engine
+tokens, ignore_eos so every request makes exactly that many) from `graphserver serve`, and the
+same workload goes straight to the engine through client/aio.py `generate`. The two sides take
+turns in --rounds rounds, in the order http, engine, engine, http, ... (ABBA), so a drift in the
+engine's own rate during a level weighs on both alike. Both report TTFT and inter-token latency
+p50/p95/p99, output tok/s and requests/s over all their rounds; `ratio` is HTTP tok/s over engine
 tok/s (near 1: the front end is not the bottleneck).
 
 By default it starts an engine (`python -m graphserver`, arguments after a lone `--`) and a
@@ -59,6 +61,9 @@ def build_parser():
                    help="requests per client at each concurrency: enough that a level's ramp-up and its tail, "
                    "where fewer than C streams run, weigh little (at 4, one 64-stream level lasted 2-3 s and "
                    "its HTTP/engine ratio moved 0.87-0.95 between runs)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="turns each side takes per level, ABBA order, --requests split evenly over them "
+                   "(the engine's own rate moved by 10%% between consecutive 10-s windows on the H200)")
     p.add_argument("--client-procs", type=int, default=4,
                    help="load-generator processes per level, the streams spread over them (fewer when there "
                    "are fewer streams); one process saturates a core near 15k tokens/s")
@@ -94,8 +99,10 @@ def parse(argv: list[str]) -> tuple[Any, list[str]]:
         if "--device" not in engine_args and not args.engine_endpoint:
             engine_args += ["--device", "cpu"]
     if any(c < 1 for c in args.concurrency) or min(args.requests, args.max_tokens, args.client_procs,
-                                                    args.api_servers) < 1:
-        p.error("--concurrency, --requests, --max-tokens, --client-procs and --api-servers must be >= 1")
+                                                    args.api_servers, args.rounds) < 1:
+        p.error("--concurrency, --requests, --max-tokens, --rounds, --client-procs and --api-servers must be >= 1")
+    if args.requests % args.rounds:
+        p.error(f"--requests {args.requests} must split evenly over --rounds {args.rounds}")
     if args.url and args.api_servers != 1:
         p.error("--api-servers is for the HTTP server this script starts; --url uses one as it is")
     if args.url and not args.engine_endpoint:
@@ -224,10 +231,10 @@ def shares(conc: int, procs: int) -> list[int]:
 
 
 def level(side: str, make_spec: Any, conc: int, n: int, procs: int, timeout: float) -> dict:
-    """One concurrency level of one side, its streams spread over load-generator processes (one
-    Python process tops out near 15k streamed tokens/s through httpx: the client must not be the
-    bound). Every process starts at one barrier; wall time runs from the first start to the last end;
-    client_cpu_us_per_token is the processes' CPU, which says whether they kept up."""
+    """One turn of one side at one concurrency, its streams spread over load-generator processes
+    (one Python process tops out near 15k streamed tokens/s through httpx: the client must not be
+    the bound). Every process starts at one barrier; wall time runs from the first start to the last
+    end. Returns the raw samples (pooled() sums turns)."""
     ctx = mp.get_context("spawn")  # no inherited sockets or threads of this process
     counts = shares(conc, procs)
     go, results = ctx.Barrier(len(counts) + 1), ctx.Queue()
@@ -247,11 +254,20 @@ def level(side: str, make_spec: Any, conc: int, n: int, procs: int, timeout: flo
     failed = [p for p in parts if isinstance(p, str)]
     if failed:
         raise RuntimeError(f"{side} load generator failed: {failed[0]}")
-    wall = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
-    tokens = sum(p["tokens"] for p in parts)
-    out = summarize([x for p in parts for x in p["ttft"]], [x for p in parts for x in p["itl"]], tokens, conc * n, wall)
-    out["client_procs"] = len(counts)
-    out["client_cpu_us_per_token"] = round(sum(p["cpu_s"] for p in parts) / tokens * 1e6, 1) if tokens else None
+    return {"ttft": [x for p in parts for x in p["ttft"]], "itl": [x for p in parts for x in p["itl"]],
+            "tokens": sum(p["tokens"] for p in parts), "requests": conc * n, "client_procs": len(counts),
+            "wall_s": max(p["t1"] for p in parts) - min(p["t0"] for p in parts),
+            "cpu_s": sum(p["cpu_s"] for p in parts)}
+
+
+def pooled(turns: list[dict]) -> dict:
+    """One side's summary over its turns at a level: samples joined, tokens and wall time summed.
+    client_cpu_us_per_token is the load generators' CPU, which says whether they kept up."""
+    tokens = sum(t["tokens"] for t in turns)
+    out = summarize([x for t in turns for x in t["ttft"]], [x for t in turns for x in t["itl"]], tokens,
+                    sum(t["requests"] for t in turns), sum(t["wall_s"] for t in turns))
+    out["client_procs"] = turns[0]["client_procs"]
+    out["client_cpu_us_per_token"] = round(sum(t["cpu_s"] for t in turns) / tokens * 1e6, 1) if tokens else None
     return out
 
 
@@ -385,18 +401,27 @@ def main(argv: list[str] | None = None) -> int:
                 level("engine", lambda c: (endpoint, ids, args.max_tokens, c, 1, args.timeout),
                       conc, 1, args.client_procs, args.timeout)
         levels = []
+        n = args.requests // args.rounds  # requests per client per turn
+        specs = {"http": lambda c: (url, http_body(model, args.prompt, args.max_tokens), c, n, args.timeout),
+                 "engine": lambda c: (endpoint, ids, args.max_tokens, c, n, args.timeout)}
         for conc in args.concurrency:
-            cpu0 = process_cpu_s(front_pid)
-            h = level("http", lambda c: (url, http_body(model, args.prompt, args.max_tokens), c, args.requests,
-                                         args.timeout), conc, args.requests, args.client_procs, args.timeout)
-            cpu1 = process_cpu_s(front_pid)
+            turns: dict[str, list[dict]] = {"http": [], "engine": []}
+            front_cpu = 0.0 if front_pid is not None else None
+            for r in range(args.rounds):
+                for side in ("http", "engine") if r % 2 == 0 else ("engine", "http"):
+                    cpu0 = process_cpu_s(front_pid) if side == "http" else None
+                    turns[side].append(level(side, specs[side], conc, n, args.client_procs, args.timeout))
+                    cpu1 = process_cpu_s(front_pid) if side == "http" else None
+                    if side == "http":
+                        front_cpu = None if None in (front_cpu, cpu0, cpu1) else front_cpu + cpu1 - cpu0
+            h, e = pooled(turns["http"]), pooled(turns["engine"])
             # The front end's own CPU per token: whether it can keep up does not depend on the GPU.
-            h["frontend_cpu_us_per_token"] = (round((cpu1 - cpu0) / h["tokens"] * 1e6, 1)
-                                              if cpu0 is not None and cpu1 is not None and h["tokens"] else None)
-            e = level("engine", lambda c: (endpoint, ids, args.max_tokens, c, args.requests, args.timeout),
-                      conc, args.requests, args.client_procs, args.timeout)
+            h["frontend_cpu_us_per_token"] = (round(front_cpu / h["tokens"] * 1e6, 1)
+                                              if front_cpu is not None and h["tokens"] else None)
             ratio = round(h["output_tok_s"] / e["output_tok_s"], 3) if e["output_tok_s"] else None
-            levels.append({"concurrency": conc, "http": h, "engine": e, "ratio": ratio})
+            rounds = [{side: round(turns[side][r]["tokens"] / turns[side][r]["wall_s"], 2) for side in turns}
+                      for r in range(args.rounds)]  # each turn's tok/s: how much the rate moved
+            levels.append({"concurrency": conc, "http": h, "engine": e, "ratio": ratio, "rounds_tok_s": rounds})
             print(f"C={conc:3d}  http {h['output_tok_s']:9.1f} tok/s  TTFT p50 {h['ttft_ms']['p50']} ms  "
                   f"ITL p50 {h['itl_ms']['p50']} ms  CPU/token front end {h['frontend_cpu_us_per_token']} us, "
                   f"client {h['client_cpu_us_per_token']} us | engine {e['output_tok_s']:9.1f} tok/s "
@@ -414,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"kind": "serve", "device": device, "backend": hello.get("backend"), "date": now.isoformat(timespec="seconds"),
               "commit": git_commit(), "copy_bandwidth_gbs": copy_gbs, "model": hello.get("model"), "dtype": hello.get("dtype"),
               "max_num_seqs": hello.get("max_num_seqs"), "prompt_tokens": len(ids), "max_tokens": args.max_tokens,
-              "requests_per_client": args.requests, "client_procs": args.client_procs, "api_servers": args.api_servers, "warmup": args.warmup, "smoke": args.smoke, "engine_args": engine_args, "levels": levels}
+              "requests_per_client": args.requests, "rounds": args.rounds, "client_procs": args.client_procs, "api_servers": args.api_servers, "warmup": args.warmup, "smoke": args.smoke, "engine_args": engine_args, "levels": levels}
     out = args.out_dir or (output_dir() / "bench")
     out.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{re.sub(r'[^A-Za-z0-9]+', '_', device)}_{now.strftime('%Y%m%d-%H%M%S')}"

@@ -125,13 +125,13 @@ for what in "$@"; do
     serve)
       # A random model has no tokenizer: the default model's (its prepared directory) or $TOKENIZER.
       tok=${TOKENIZER:-$(python3 -c 'from graphserver.prepare import resolve_model; print(resolve_model(None).tokenizer_path)')}
+      touch "$LOGS/.serve_start"  # only this run's records go back (the device tool returns few files)
       for n in ${API_SERVERS:-1 4}; do
         phase bench_serve_default_api$n 300 python3 scripts/bench_serve.py --api-servers "$n"
         phase bench_serve_1b_api$n 300 python3 scripts/bench_serve.py --api-servers "$n" --model random:llama-3.2-1b \
           --tokenizer "$tok"
       done
-      cp output/bench/serve_*.json "$LOGS/" 2>/dev/null
-      cp output/bench/serve_*.json "$OUT/" 2>/dev/null
+      find output/bench -maxdepth 1 -name 'serve_*' -newer "$LOGS/.serve_start" -exec cp {} "$LOGS/" \; -exec cp {} "$OUT/" \;
       ;;
     bench)
       phase bench_kernels 400 python3 scripts/bench_kernels.py

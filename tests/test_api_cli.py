@@ -109,7 +109,7 @@ def test_bench_serve_smoke_writes_a_record(default_model_dir, tmp_path):
     [path] = tmp_path.glob("serve_*.json")
     record = json.loads(path.read_text())
     assert record["device"] == "cpu" and record["commit"] and record["date"] and record["smoke"] is True
-    assert record["client_procs"] == 2 and record["api_servers"] == 1
+    assert record["client_procs"] == 2 and record["api_servers"] == 1 and record["rounds"] == 2
     assert [lv["concurrency"] for lv in record["levels"]] == [1, 4]
     for lv in record["levels"]:
         for side in ("http", "engine"):
@@ -118,6 +118,11 @@ def test_bench_serve_smoke_writes_a_record(default_model_dir, tmp_path):
             assert s["output_tok_s"] > 0 and s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["p50"]
             assert s["client_procs"] == min(lv["concurrency"], 2) and s["client_cpu_us_per_token"] > 0
         assert lv["ratio"] == pytest.approx(lv["http"]["output_tok_s"] / lv["engine"]["output_tok_s"], rel=1e-2)
+        # Two turns a side (ABBA), one request per client each; the pooled rate lies between them.
+        assert len(lv["rounds_tok_s"]) == 2
+        for side in ("http", "engine"):
+            rates = [r[side] for r in lv["rounds_tok_s"]]
+            assert min(rates) * 0.99 <= lv[side]["output_tok_s"] <= max(rates) * 1.01, (side, rates, lv[side])
         # The started front end's own CPU (in clock ticks of 10 ms: a smoke run may count none).
         assert lv["http"]["frontend_cpu_us_per_token"] is not None and lv["http"]["frontend_cpu_us_per_token"] >= 0
     # --plot draws a record's PNG later (the GPU machine has no matplotlib), or says what it needs.
