@@ -276,6 +276,34 @@ async def engine_hello(endpoint: str) -> dict:
         return await engine.hello()
 
 
+async def engine_status(endpoint: str) -> dict:
+    async with AsyncEngineClient(endpoint, 30.0) as engine:
+        return await engine.status()
+
+
+def engine_counters(status: dict) -> dict:
+    """The engine's cumulative step counters (a stand-in engine may lack some: those are absent)."""
+    sched, graphs = status.get("scheduler") or {}, status.get("batch_graphs") or {}
+    out = {k: sched[k] for k in ("steps", "generation_tokens", "preemptions") if isinstance(sched.get(k), int)}
+    out.update({f"graph_{k}": graphs[k] for k in ("replays", "eager_steps", "new_captures")
+                if isinstance(graphs.get(k), int)})
+    if isinstance(status.get("eager_batch_steps"), int):   # steps the executor ran without a graph
+        out["executor_eager_steps"] = status["eager_batch_steps"]
+    return out
+
+
+def turn_engine_stats(before: dict, after: dict, wall_s: float) -> dict:
+    """What the engine did during one turn: its steps, eager (graph-less) steps, new captures,
+    preemptions, and from them the mean step time and rows per step. A turn whose rate is off
+    shows here why: fewer rows per step (requests turning over), eager steps, or slower steps."""
+    d = {k: after[k] - before[k] for k in after if k in before}
+    if d.get("steps"):
+        d["step_ms_mean"] = round(wall_s / d["steps"] * 1e3, 3)
+        if "generation_tokens" in d:
+            d["rows_per_step"] = round(d["generation_tokens"] / d["steps"], 2)
+    return d
+
+
 # -------------------------------------------------------------------------------------------
 # Records
 
@@ -407,11 +435,15 @@ def main(argv: list[str] | None = None) -> int:
         for conc in args.concurrency:
             turns: dict[str, list[dict]] = {"http": [], "engine": []}
             front_cpu = 0.0 if front_pid is not None else None
+            engine_turns = []
             for r in range(args.rounds):
                 for side in ("http", "engine") if r % 2 == 0 else ("engine", "http"):
+                    before = engine_counters(asyncio.run(engine_status(endpoint)))
                     cpu0 = process_cpu_s(front_pid) if side == "http" else None
                     turns[side].append(level(side, specs[side], conc, n, args.client_procs, args.timeout))
                     cpu1 = process_cpu_s(front_pid) if side == "http" else None
+                    engine_turns.append({"side": side, **turn_engine_stats(
+                        before, engine_counters(asyncio.run(engine_status(endpoint))), turns[side][-1]["wall_s"])})
                     if side == "http":
                         front_cpu = None if None in (front_cpu, cpu0, cpu1) else front_cpu + cpu1 - cpu0
             h, e = pooled(turns["http"]), pooled(turns["engine"])
@@ -421,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio = round(h["output_tok_s"] / e["output_tok_s"], 3) if e["output_tok_s"] else None
             rounds = [{side: round(turns[side][r]["tokens"] / turns[side][r]["wall_s"], 2) for side in turns}
                       for r in range(args.rounds)]  # each turn's tok/s: how much the rate moved
-            levels.append({"concurrency": conc, "http": h, "engine": e, "ratio": ratio, "rounds_tok_s": rounds})
+            levels.append({"concurrency": conc, "http": h, "engine": e, "ratio": ratio, "rounds_tok_s": rounds,
+                           "engine_turns": engine_turns})
             print(f"C={conc:3d}  http {h['output_tok_s']:9.1f} tok/s  TTFT p50 {h['ttft_ms']['p50']} ms  "
                   f"ITL p50 {h['itl_ms']['p50']} ms  CPU/token front end {h['frontend_cpu_us_per_token']} us, "
                   f"client {h['client_cpu_us_per_token']} us | engine {e['output_tok_s']:9.1f} tok/s "

@@ -123,6 +123,11 @@ def test_bench_serve_smoke_writes_a_record(default_model_dir, tmp_path):
         for side in ("http", "engine"):
             rates = [r[side] for r in lv["rounds_tok_s"]]
             assert min(rates) * 0.99 <= lv[side]["output_tok_s"] <= max(rates) * 1.01, (side, rates, lv[side])
+        # The engine's own counters per turn, in turn order: the stand-in steps once per token row.
+        assert [t["side"] for t in lv["engine_turns"]] == ["http", "engine", "engine", "http"]
+        for t in lv["engine_turns"]:
+            assert t["steps"] > 0 and t["generation_tokens"] >= lv["concurrency"] * 8, t
+            assert t["step_ms_mean"] > 0 and 1 <= t["rows_per_step"] <= lv["concurrency"], t
         # The started front end's own CPU (in clock ticks of 10 ms: a smoke run may count none).
         assert lv["http"]["frontend_cpu_us_per_token"] is not None and lv["http"]["frontend_cpu_us_per_token"] >= 0
     # --plot draws a record's PNG later (the GPU machine has no matplotlib), or says what it needs.
