@@ -31,6 +31,8 @@ phases:
   changed  the kernel tests of what changes most: the sampler's own file (tests/test_sampling_cuda.py)
            and a -k subset of tests/test_kernels_cuda.py (attention, sampling, PDL, GEMV, norms)
   direct   scripts/direct_custom_decode_500.py, capture started after and before kv_init
+  api      pytest -m cuda on the HTTP front end over the GPU engine (tests/test_api_cuda.py:
+           a reload under 32 streams on the default model)
   serve    scripts/bench_serve.py on the default model and on random:llama-3.2-1b (HTTP vs engine),
            once per front-end process count in $API_SERVERS (default "1 4")
 
@@ -44,7 +46,7 @@ case "${1:-}" in
 esac
 for what in "$@"; do
   case $what in
-    build|test|retest|bench|kernels|batch|model|batchbench|serve|changed|direct) ;;
+    build|test|retest|bench|kernels|batch|model|batchbench|api|serve|changed|direct) ;;
     *) echo "gpu_suite: unknown phase '$what' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -121,6 +123,9 @@ for what in "$@"; do
       cp output/direct_custom_decode_500.json "$LOGS/direct_500_after.json" 2>/dev/null
       phase direct_500_before 150 python3 scripts/direct_custom_decode_500.py --capture-before-kv-init
       cp output/direct_custom_decode_500.json "$LOGS/direct_500_before.json" 2>/dev/null
+      ;;
+    api)
+      phase pytest_api 300 python3 -m pytest -m cuda -q -s -rA tests/test_api_cuda.py
       ;;
     serve)
       # A random model has no tokenizer: the default model's (its prepared directory) or $TOKENIZER.
