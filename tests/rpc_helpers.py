@@ -1,6 +1,7 @@
 """Test helpers shared by the RPC tests: a server thread, a fake engine that takes today's
 protocol params, a scripted ROUTER, and child-process environments."""
 
+import contextlib
 import os
 import threading
 
@@ -120,3 +121,23 @@ def child_env():
 
 
 FAKE_ENGINE_ARGS = ["--engine-factory", "rpc_helpers:ClientFakeEngine"]
+
+
+@contextlib.contextmanager
+def served_api(argv, timeout_s=300.0):
+    """A `graphserver serve` process (argv) started and ready: yields (its URL, its model id);
+    terminated afterwards, killed if it does not exit."""
+    import httpx
+
+    from client.rpc import spawn_process
+
+    proc, url = spawn_process(argv, timeout_s=timeout_s, env=child_env())
+    try:
+        yield url, httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except Exception:
+            proc.kill()
+            proc.wait(5)

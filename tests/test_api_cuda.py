@@ -11,10 +11,8 @@ import httpx
 import openai
 import pytest
 
-from client.rpc import spawn_process
-
 from checkpoints import misshaped_copy, perturbed_copy
-from rpc_helpers import child_env
+from rpc_helpers import served_api
 
 torch = pytest.importorskip("torch")
 
@@ -33,17 +31,8 @@ def api(default_model_dir):
     from custom_kernels import ops
     if not ops.cuda_kernels_available():
         pytest.skip("needs the compiled kernels")
-    proc, url = spawn_process(SERVE, timeout_s=300, env=child_env())
-    try:
-        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        yield url, model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except Exception:
-            proc.kill()
-            proc.wait(5)
+    with served_api(SERVE) as api:
+        yield api
 
 
 def test_reload_under_32_streams_on_the_gpu(api, default_model_dir, tmp_path):

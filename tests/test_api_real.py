@@ -11,10 +11,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.rpc import spawn_process
-
 from checkpoints import misshaped_copy, perturbed_copy
-from rpc_helpers import child_env
+from rpc_helpers import served_api
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +23,8 @@ SERVE = [sys.executable, "-m", "graphserver.cli", "serve", "--port", "0", "--exi
 
 @pytest.fixture(scope="module")
 def api(default_model_dir):
-    proc, url = spawn_process(SERVE + ["--"] + ENGINE_ARGS, timeout_s=300, env=child_env())
-    try:
-        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        yield url, model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except Exception:
-            proc.kill()
-            proc.wait(5)
+    with served_api(SERVE + ["--"] + ENGINE_ARGS) as api:
+        yield api
 
 
 @pytest.fixture(scope="module")
