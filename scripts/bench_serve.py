@@ -271,31 +271,31 @@ def pooled(turns: list[dict]) -> dict:
     return out
 
 
-async def engine_hello(endpoint: str) -> dict:
-    async with AsyncEngineClient(endpoint, 30.0) as engine:
-        return await engine.hello()
-
-
-async def engine_status(endpoint: str) -> dict:
-    async with AsyncEngineClient(endpoint, 30.0) as engine:
-        return await engine.status()
+def engine_call(endpoint: str, method: str) -> dict:
+    """One control RPC (hello, status) on a short-lived client, outside any measured turn."""
+    async def call():
+        async with AsyncEngineClient(endpoint, 30.0) as engine:
+            return await getattr(engine, method)()
+    return asyncio.run(call())
 
 
 def engine_counters(status: dict) -> dict:
     """The engine's cumulative step counters (a stand-in engine may lack some: those are absent)."""
     sched, graphs = status.get("scheduler") or {}, status.get("batch_graphs") or {}
     out = {k: sched[k] for k in ("steps", "generation_tokens", "preemptions") if isinstance(sched.get(k), int)}
-    out.update({f"graph_{k}": graphs[k] for k in ("replays", "eager_steps", "new_captures")
-                if isinstance(graphs.get(k), int)})
-    if isinstance(status.get("eager_batch_steps"), int):   # steps the executor ran without a graph
+    out.update({f"graph_{k}": graphs[k] for k in ("replays", "new_captures") if isinstance(graphs.get(k), int)})
+    # Every step run without a graph (the graph pool's own eager count is a subset of this one).
+    if isinstance(status.get("eager_batch_steps"), int):
         out["executor_eager_steps"] = status["eager_batch_steps"]
     return out
 
 
 def turn_engine_stats(before: dict, after: dict, wall_s: float) -> dict:
-    """What the engine did during one turn: its steps, eager (graph-less) steps, new captures,
-    preemptions, and from them the mean step time and rows per step. A turn whose rate is off
-    shows here why: fewer rows per step (requests turning over), eager steps, or slower steps."""
+    """What the engine did during one turn: the counter deltas (steps, graph-less steps, new
+    captures, preemptions), rows per step, and step_ms_mean, the turn's wall time per step (its
+    ramp-up, tail and the prefill of requests turning over included, so above a steady decode
+    step). The turn's rate is rows per step / step_ms_mean by construction: which of the two
+    moved says whether a slow turn ran smaller batches or slower steps."""
     d = {k: after[k] - before[k] for k in after if k in before}
     if d.get("steps"):
         d["step_ms_mean"] = round(wall_s / d["steps"] * 1e3, 3)
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.__enter__()
             started.append(engine)
             endpoint = engine.endpoint
-        hello = asyncio.run(engine_hello(endpoint))
+        hello = engine_call(endpoint, "hello")
         # Before the HTTP server starts: it would refuse a model without a tokenizer too, less plainly.
         tokenizer = args.tokenizer or hello.get("tokenizer_path")
         if not tokenizer:
@@ -436,14 +436,14 @@ def main(argv: list[str] | None = None) -> int:
             turns: dict[str, list[dict]] = {"http": [], "engine": []}
             front_cpu = 0.0 if front_pid is not None else None
             engine_turns = []
+            counters = engine_counters(engine_call(endpoint, "status"))  # one snapshot per turn boundary
             for r in range(args.rounds):
                 for side in ("http", "engine") if r % 2 == 0 else ("engine", "http"):
-                    before = engine_counters(asyncio.run(engine_status(endpoint)))
                     cpu0 = process_cpu_s(front_pid) if side == "http" else None
                     turns[side].append(level(side, specs[side], conc, n, args.client_procs, args.timeout))
                     cpu1 = process_cpu_s(front_pid) if side == "http" else None
-                    engine_turns.append({"side": side, **turn_engine_stats(
-                        before, engine_counters(asyncio.run(engine_status(endpoint))), turns[side][-1]["wall_s"])})
+                    before, counters = counters, engine_counters(engine_call(endpoint, "status"))
+                    engine_turns.append({"side": side, **turn_engine_stats(before, counters, turns[side][-1]["wall_s"])})
                     if side == "http":
                         front_cpu = None if None in (front_cpu, cpu0, cpu1) else front_cpu + cpu1 - cpu0
             h, e = pooled(turns["http"]), pooled(turns["engine"])

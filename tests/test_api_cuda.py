@@ -70,7 +70,7 @@ def test_reload_under_32_streams_on_the_gpu(api, default_model_dir, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(STREAMS + 8) as pool:
         for target, version in ((ckpt_b, "B"), (default_model_dir, "A")):
             streams = [pool.submit(one_stream, prompts[i % len(prompts)]) for i in range(STREAMS)]
-            time.sleep(0.1)  # the streams are decoding when the reload arrives
+            time.sleep(0.1)  # let the streams reach the engine before the reload does
             pending = pool.submit(reload, target, version)
             # Sent while it reloads: on the old weights before admission pauses, else on the new.
             streams += [pool.submit(one_stream, prompts[i % len(prompts)]) for i in range(4)]
